@@ -1,0 +1,20 @@
+"""Extrapolation Merging (ExMe) for Hugging Face fine-tuning, as one `TrainerCallback`."""
+
+from .arithmetic import combine, extrapolate, interpolate
+from .callback import ExMeCallback
+from .evaluators import Objective, TrainerEvaluator
+from .search import Candidate, Checkpoint, exme_coefficients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Candidate",
+    "Checkpoint",
+    "ExMeCallback",
+    "Objective",
+    "TrainerEvaluator",
+    "combine",
+    "exme_coefficients",
+    "extrapolate",
+    "interpolate",
+]

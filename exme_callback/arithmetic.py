@@ -1,0 +1,157 @@
+"""Pure tensor arithmetic on the ExMe plane.
+
+Every model that Extrapolation Merging looks at is a point of one plane spanned by two task vectors
+``d1 = sft1 - base`` and ``d2 = sft2 - base``:
+
+```
+theta(c1, c2) = base + c1 * d1 + c2 * d2
+```
+
+| model                                  | c1                     | c2                           |
+|----------------------------------------|------------------------|------------------------------|
+| base                                   | 0                      | 0                            |
+| SFT-1, SFT-2                           | 1, 0                   | 0, 1                         |
+| EXPO-i with ``alpha``                  | 1 + alpha (i = 1)      | 1 + alpha (i = 2)            |
+| ExMe of EXPO-1, EXPO-2 with ``beta``   | beta * (1 + alpha1)    | (1 - beta) * (1 + alpha2)    |
+| weighted merge of SFT-1, SFT-2         | lambda                 | 1 - lambda                   |
+
+This module only knows tensors: no `transformers`, no models. State dicts are any `Mapping[str, torch.Tensor]`
+(a lazy on-disk mapping works as well as a `dict`), matched by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+
+import torch
+
+__all__ = ["combine", "combine_tensor", "extrapolate", "interpolate"]
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def combine_tensor(
+    base: torch.Tensor,
+    sft1: torch.Tensor,
+    sft2: torch.Tensor,
+    c1: float,
+    c2: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`base + c1 * (sft1 - base) + c2 * (sft2 - base)` for one floating-point tensor.
+
+    The sum is computed on the device of `out` (of `base` when `out` is `None`) in float32, or float64 for float64
+    inputs, and rounded once to the dtype of `out` (of `base`). A coefficient of exactly zero skips its term, so
+    `combine_tensor(b, t, t, 1.0, 0.0)` reproduces `t` bit for bit.
+
+    Args:
+        base (`torch.Tensor`): the tensor of the base model.
+        sft1 (`torch.Tensor`): the same tensor in the first fine-tuned model.
+        sft2 (`torch.Tensor`): the same tensor in the second fine-tuned model.
+        c1 (`float`): the coefficient of `sft1 - base`.
+        c2 (`float`): the coefficient of `sft2 - base`.
+        out (`torch.Tensor`, *optional*): written in place and returned when given.
+
+    Returns:
+        `torch.Tensor`: `out`, or a new tensor of `base`'s dtype and device.
+    """
+    target = base if out is None else out
+    wide = torch.float64 if torch.float64 in (base.dtype, sft1.dtype, sft2.dtype, target.dtype) else torch.float32
+    b = base.to(device=target.device, dtype=wide)  # may alias `base`: only read
+    result = b.clone()
+    for coefficient, tensor in ((c1, sft1), (c2, sft2)):
+        if coefficient != 0.0:
+            result.add_(tensor.to(device=target.device, dtype=wide).sub(b), alpha=coefficient)
+    if out is None:
+        return result.to(base.dtype)
+    return out.copy_(result)
+
+
+def combine(
+    base: StateDict,
+    sft1: StateDict,
+    sft2: StateDict,
+    c1: float,
+    c2: float,
+    out: MutableMapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The point `(c1, c2)` of the ExMe plane, tensor by tensor.
+
+    ```
+    theta[name] = base[name] + c1 * (sft1[name] - base[name]) + c2 * (sft2[name] - base[name])
+    ```
+
+    Floating-point tensors are computed in float32 (float64 when an input is float64) and rounded once to their
+    own dtype. Non-floating tensors (integer or boolean buffers) are copied from `sft1`, never blended.
+
+    Args:
+        base (`Mapping[str, torch.Tensor]`): the base model's tensors; its names are the names combined.
+        sft1 (`Mapping[str, torch.Tensor]`): the first fine-tuned model's tensors.
+        sft2 (`Mapping[str, torch.Tensor]`): the second fine-tuned model's tensors.
+        c1 (`float`): the coefficient of the first task vector.
+        c2 (`float`): the coefficient of the second task vector.
+        out (`MutableMapping[str, torch.Tensor]`, *optional*): tensors written in place (for example a live model's
+            parameters); each keeps its own dtype and device. When `None`, new tensors are returned.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the combined tensors (the tensors of `out` when it is given).
+
+    Raises:
+        `KeyError`: a name of `base` is missing from `sft1`, `sft2` or `out`.
+        `ValueError`: a tensor's shape differs between the inputs.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from exme_callback import combine
+    >>> base, sft1, sft2 = {"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}
+    >>> combine(base, sft1, sft2, 0.5 * 1.2, 0.5 * 1.2)["w"]  # ExMe with alpha1 = alpha2 = 0.2, beta = 0.5
+    tensor([2.4000])
+    ```
+    """
+    result: dict[str, torch.Tensor] = {}
+    for name, b in base.items():
+        t1, t2 = _lookup(sft1, "sft1", name), _lookup(sft2, "sft2", name)
+        target = _lookup(out, "out", name) if out is not None else None
+        for label, tensor in (("sft1", t1), ("sft2", t2), ("out", target)):
+            if tensor is not None and tensor.shape != b.shape:
+                raise ValueError(
+                    f"Tensor `{name}` has shape {tuple(tensor.shape)} in `{label}` but {tuple(b.shape)} in `base`."
+                )
+        if not b.is_floating_point():
+            result[name] = t1.clone() if target is None else target.copy_(t1)
+        else:
+            result[name] = combine_tensor(b, t1, t2, c1, c2, out=target)
+    return result
+
+
+def extrapolate(base: StateDict, sft: StateDict, alpha: float, out=None) -> dict[str, torch.Tensor]:
+    """EXPO: `sft + alpha * (sft - base)`, that is `combine(base, sft, sft, 1 + alpha, 0)`.
+
+    Args:
+        base (`Mapping[str, torch.Tensor]`): the model fine-tuning started from.
+        sft (`Mapping[str, torch.Tensor]`): the fine-tuned model.
+        alpha (`float`): how far to continue along the training direction; 0 returns `sft`.
+        out (`MutableMapping[str, torch.Tensor]`, *optional*): tensors written in place.
+    """
+    return combine(base, sft, sft, 1.0 + alpha, 0.0, out=out)
+
+
+def interpolate(model1: StateDict, model2: StateDict, weight: float, out=None) -> dict[str, torch.Tensor]:
+    """Weighted merge: `weight * model1 + (1 - weight) * model2`, that is `combine(model1, model1, model2, 0, 1 - weight)`.
+
+    Args:
+        model1 (`Mapping[str, torch.Tensor]`): the first model.
+        model2 (`Mapping[str, torch.Tensor]`): the second model.
+        weight (`float`): the weight of `model1`; 1 returns `model1`, 0 returns `model2`.
+        out (`MutableMapping[str, torch.Tensor]`, *optional*): tensors written in place.
+    """
+    return combine(model1, model1, model2, 0.0, 1.0 - weight, out=out)
+
+
+def _lookup(tensors: StateDict | None, label: str, name: str) -> torch.Tensor:
+    try:
+        return tensors[name]
+    except KeyError:
+        raise KeyError(f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names.") from None

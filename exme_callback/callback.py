@@ -1,0 +1,351 @@
+"""`ExMeCallback`: Extrapolation Merging for any `Trainer` run, as one callback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .arithmetic import combine
+from .evaluators import Evaluator, Objective, TrainerEvaluator, muted, numeric_metrics
+from .report import Report, publish_dir
+from .search import (
+    DEFAULT_ALPHAS,
+    DEFAULT_BETAS,
+    Candidate,
+    Checkpoint,
+    best,
+    count_candidates,
+    is_better,
+    sweep,
+    validate_grid,
+)
+from .snapshots import STORAGES, SnapshotStore, trainable_tensors
+
+__all__ = ["ExMeCallback"]
+
+logger = logging.getLogger(__name__)
+
+CHOOSE_FROM = ("all", "exme")
+
+
+class ExMeCallback(TrainerCallback):
+    r"""Extrapolation Merging (ExMe): a free improvement of a fine-tuned model, searched when training ends.
+
+    During training the callback keeps the trainable tensors of the base model and of the two best evaluated
+    checkpoints (SFT-1, SFT-2). When training ends it evaluates, in-process, models on the plane
+
+    $$
+    \theta(c_1, c_2) = \theta_\text{base} + c_1 (\theta_\text{SFT-1} - \theta_\text{base})
+        + c_2 (\theta_\text{SFT-2} - \theta_\text{base})
+    $$
+
+    1. EXPO-i: \\( c_i = 1 + \alpha \\) for each \\( \alpha \\) of `alphas`, for each checkpoint separately;
+    2. ExMe: \\( \beta \cdot \text{EXPO-1} + (1 - \beta) \cdot \text{EXPO-2} \\) for each \\( \beta \\) of `betas`,
+       with each checkpoint's best \\( \alpha \\);
+
+    then saves the best model, its tokenizer and a report to `<output_dir>/exme/`, and puts the trained weights
+    back in the model.
+
+    Args:
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer this callback is added to (TRL trainers work the same). Its evaluation scores the
+            candidates unless `evaluator` is given, and its logging reports the result.
+        evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
+            Scores a model: called on the live model at every training evaluation and for every candidate. Needed
+            when `trainer` is not given.
+        metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
+            The selection score: one metric, or several averaged like the ExMe paper's overall score, each with
+            its direction (`{"eval_accuracy": "max", "eval_loss": "min"}`; a bare name is lower-is-better when it
+            ends in `"loss"`). Defaults to the trainer's `metric_for_best_model` and `greater_is_better`, else
+            `"eval_loss"` (lower is better).
+        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, 0.2, 0.3, 0.4, 0.5)`):
+            Extrapolation strengths (>= 0) tried for each kept checkpoint.
+        betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`):
+            Merge weights (in [0, 1]) of EXPO-1 tried between the two EXPO models.
+        choose_from (`str`, *optional*, defaults to `"all"`):
+            `"all"`: the final model is the best of every SFT, EXPO and ExMe candidate, so it is never worse than
+            the best checkpoint on the selection score. `"exme"`: the best ExMe merge, as the paper reports it.
+        storage (`str`, *optional*, defaults to `"cpu"`):
+            Where kept tensors live: `"cpu"` memory, or `"disk"` (safetensors in `<output_dir>/exme-snapshots`,
+            removed at the end).
+        output_dir (`str`, *optional*):
+            Where the result is written; defaults to `<args.output_dir>/exme`.
+        load_exme_at_end (`bool`, *optional*, defaults to `False`):
+            Leave the chosen model loaded after training (so `trainer.save_model()` saves it) instead of the
+            trained weights.
+        evaluate_base (`bool`, *optional*, defaults to `True`):
+            Score the base model when training begins: it checks the metric before any training and adds the Base
+            row to the report.
+
+    Example:
+
+    ```python
+    from trl import SFTConfig, SFTTrainer
+    from exme_callback import ExMeCallback
+
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="run", eval_strategy="steps", eval_steps=50),
+                         train_dataset=train, eval_dataset=val, processing_class=tokenizer)
+    trainer.add_callback(ExMeCallback(trainer))
+    trainer.train()  # run/exme/ holds the chosen model, its tokenizer and exme_report.{json,md}
+    ```
+    """
+
+    def __init__(
+        self,
+        trainer=None,
+        *,
+        evaluator: Evaluator | None = None,
+        metrics: str | Sequence[str] | Mapping[str, str] | None = None,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        betas: Sequence[float] = DEFAULT_BETAS,
+        choose_from: str = "all",
+        storage: str = "cpu",
+        output_dir: str | os.PathLike | None = None,
+        load_exme_at_end: bool = False,
+        evaluate_base: bool = True,
+    ):
+        if trainer is not None and not (hasattr(trainer, "evaluate") and hasattr(trainer, "callback_handler")):
+            raise TypeError(f"`trainer` must be a `transformers.Trainer`, got {type(trainer).__name__}")
+        if evaluator is not None and not callable(evaluator):
+            raise TypeError(f"`evaluator` must be a callable `model -> dict[str, float]`, got {evaluator!r}")
+        if trainer is None and evaluator is None:
+            raise ValueError(
+                "ExMeCallback needs a way to score candidates: pass the trainer (`ExMeCallback(trainer)`) or an "
+                "`evaluator=fn` with `fn(model) -> dict[str, float]`."
+            )
+        if choose_from not in CHOOSE_FROM:
+            raise ValueError(f"`choose_from` must be one of {CHOOSE_FROM}, got {choose_from!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
+        for name, flag in (("load_exme_at_end", load_exme_at_end), ("evaluate_base", evaluate_base)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        self.trainer = trainer
+        self.evaluator = evaluator if evaluator is not None else TrainerEvaluator(trainer)
+        self.objective = None if metrics is None else Objective.from_spec(metrics)
+        self.alphas = validate_grid("alphas", alphas, low=0.0)
+        self.betas = validate_grid("betas", betas, low=0.0, high=1.0)
+        self.choose_from = choose_from
+        self.storage = storage
+        self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        self.load_exme_at_end = load_exme_at_end
+        self.evaluate_base = evaluate_base
+
+        self.report: Report | None = None  # the last sweep's result, also written to exme_report.json
+        self._store: SnapshotStore | None = None  # created at on_train_begin, when the run's folder is known
+        self._kept: list[Checkpoint] = []  # the best checkpoints so far, best first (at most 2)
+        self._base: Candidate | None = None  # the base model's evaluation, when `evaluate_base`
+        self._training = False  # only evaluations between train begin and end score checkpoints
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_run(args, state, model)
+        if self.objective is None:
+            self.objective = Objective.from_spec(None, args.metric_for_best_model, args.greater_is_better)
+        self._store = SnapshotStore(self.storage, os.path.join(args.output_dir, "exme-snapshots"))
+        self._store.save("base", trainable_tensors(model))
+        self._kept, self._base, self.report = [], None, None
+        # With `eval_on_start`, the trainer's step-0 evaluation scores the base (see `on_evaluate`).
+        if self.evaluate_base and not (self._reuses_training_scores and args.eval_on_start):
+            self._base = self._score(model, Candidate("base", 0.0, 0.0))
+        self._training = True
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not self._training:
+            return
+        step = state.global_step
+        if self._reuses_training_scores:
+            score = self._objective_score(metrics or {})
+            metrics = numeric_metrics(metrics or {})
+        else:
+            scored = self._score(model, Candidate("sft", 1.0, 0.0, step1=step))
+            metrics, score = scored.metrics, scored.score
+        if step == 0:
+            if self.evaluate_base:
+                self._base = Candidate("base", 0.0, 0.0, score=score, metrics=metrics)
+            return
+        if not is_better(score, None, True):  # NaN or inf
+            logger.warning(f"ExMe: the evaluation at step {step} scored {score}; this checkpoint is not kept.")
+            return
+        kept = [c for c in self._kept if c.step != step]
+        position = next(
+            (i for i, c in enumerate(kept) if is_better(score, c.score, self.objective.greater_is_better)), len(kept)
+        )
+        if position >= 2:
+            return
+        kept.insert(position, Checkpoint(step, score, metrics))
+        self._store.save(f"step-{step}", trainable_tensors(model))
+        for dropped in kept[2:]:
+            self._store.delete(f"step-{dropped.step}")
+        self._kept = kept[:2]
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not self._training:
+            return
+        self._training = False
+        try:
+            if not self._kept:
+                logger.warning(
+                    "ExMe: no checkpoint was evaluated during training, so there is nothing to extrapolate or merge "
+                    "and nothing was written. Evaluate during training (`eval_strategy='steps'` and `eval_steps`)."
+                )
+                return
+            if len(self._kept) == 1:
+                logger.warning(
+                    "ExMe: only one checkpoint was evaluated during training; extrapolating it (EXPO) without a "
+                    "merge. Evaluate more often to merge two checkpoints."
+                )
+            self._run(args, state, model, processing_class)
+        finally:
+            self._store.clear()
+
+    # ---- the sweep ---------------------------------------------------------------------------------------------
+
+    def _run(self, args, state, model, processing_class) -> None:
+        store, steps = self._store, [c.step for c in self._kept]
+        live = trainable_tensors(model)
+        store.save("trained", live)
+        base, sft = store.load("base"), [store.load(f"step-{s}") for s in steps]
+        sft2 = sft[-1]  # with one checkpoint c2 is always 0, so the second task vector is never read
+
+        progress = tqdm(
+            total=count_candidates(len(steps), self.alphas, self.betas, not self._reuses_training_scores),
+            desc="ExMe sweep",
+            disable=args.disable_tqdm or not state.is_world_process_zero,
+        )
+
+        def score(candidate: Candidate) -> Candidate:
+            combine(base, sft[0], sft2, candidate.c1, candidate.c2, out=live)
+            self._score(model, candidate)
+            progress.update()
+            return candidate
+
+        trained = store.load("trained")
+        try:
+            candidates = sweep(
+                score, self._kept, self.alphas, self.betas, self.objective.greater_is_better,
+                rescore_checkpoints=not self._reuses_training_scores,
+            )
+            final = self._choose(candidates)
+            combine(base, sft[0], sft2, final.c1, final.c2, out=live)
+            self.report = Report(
+                metric=self.objective.name,
+                greater_is_better=self.objective.greater_is_better,
+                checkpoints=list(self._kept),
+                candidates=candidates,
+                final=final,
+                alphas=self.alphas,
+                betas=self.betas,
+                choose_from=self.choose_from,
+                base=self._base,
+            )
+            self._save(args, state, model, processing_class)
+        finally:
+            progress.close()
+            if not self.load_exme_at_end or self.report is None:
+                for name, tensor in trained.items():  # the trained weights, bit for bit
+                    live[name].copy_(tensor)
+        self._log_result()
+
+    def _choose(self, candidates: list[Candidate]) -> Candidate:
+        gib = self.objective.greater_is_better
+        if self.choose_from == "exme":
+            final = best(candidates, gib, kinds=("exme",))
+            if final is not None:
+                return final
+            logger.warning("ExMe: no ExMe merge was scored (one checkpoint, or none finite); choosing among all.")
+        final = best(candidates, gib, kinds=("sft", "expo", "exme"))
+        if final is None:  # only reachable when every candidate failed: keep the best checkpoint
+            final = next(c for c in candidates if c.kind == "sft")
+        return final
+
+    def _save(self, args, state, model, processing_class) -> None:
+        destination = self.output_dir or os.path.join(args.output_dir, "exme")
+        with publish_dir(destination, write=state.is_world_process_zero) as folder:
+            if self.trainer is not None:
+                self.trainer.save_model(folder)  # gathers sharded weights; writes on the main process only
+            elif state.is_world_process_zero:
+                model.save_pretrained(folder)
+                if processing_class is not None:
+                    processing_class.save_pretrained(folder)
+            if state.is_world_process_zero:
+                self.report.saved = {"model": os.path.abspath(destination)}
+                self.report.write(folder)
+
+    def _log_result(self) -> None:
+        report = self.report
+        reference, final = report.best_sft, report.final
+        logs = {"exme/score": final.score, "exme/c1": final.c1, "exme/c2": final.c2}
+        message = f"ExMe: chose {final.kind} (c1={final.c1:.4g}, c2={final.c2:.4g}), {report.metric}={final.score:.6g}"
+        if reference is not None:
+            logs["exme/best_sft_score"] = reference.score
+            logs["exme/gain"] = (final.score - reference.score) * (1 if report.greater_is_better else -1)
+            message += f"; best checkpoint {reference.score:.6g}, gain {logs['exme/gain']:+.6g}"
+        logger.info(message)
+        if self.trainer is not None:
+            if report.best_exme is not None:
+                logs["exme/best_exme_score"] = report.best_exme.score
+            self.trainer.log(logs)
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+
+    @property
+    def _reuses_training_scores(self) -> bool:
+        return getattr(self.evaluator, "reuses_training_scores", False)
+
+    def _score(self, model: torch.nn.Module, candidate: Candidate) -> Candidate:
+        """Evaluate the live model into `candidate` (training mode and the trainer's state are left as they were)."""
+        was_training = model.training
+        try:
+            if self.trainer is not None:
+                with muted(self.trainer):
+                    metrics = self.evaluator(model)
+            else:
+                metrics = self.evaluator(model)
+        finally:
+            model.train(was_training)
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"`evaluator` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+        candidate.score = self._objective_score(metrics)
+        candidate.metrics = numeric_metrics(metrics)
+        if not is_better(candidate.score, None, True):
+            candidate.error = f"non-finite score {candidate.score}"
+        return candidate
+
+    def _objective_score(self, metrics: Mapping[str, float]) -> float:
+        try:
+            return self.objective(metrics)
+        except KeyError as error:
+            raise KeyError(f"ExMeCallback: {error.args[0]}") from None
+
+    def _check_run(self, args, state, model) -> None:
+        if args.eval_strategy == "no":
+            raise ValueError(
+                "ExMeCallback ranks checkpoints by their evaluations, but `eval_strategy` is 'no'. Set "
+                "`eval_strategy='steps'` with `eval_steps`, or `eval_strategy='epoch'`."
+            )
+        if isinstance(self.evaluator, TrainerEvaluator) and self.trainer.eval_dataset is None:
+            raise ValueError(
+                "ExMeCallback scores candidates with the trainer's evaluation, but the trainer has no "
+                "`eval_dataset`. Pass `eval_dataset=` to the trainer, or `evaluator=` to the callback."
+            )
+        if model is None:
+            raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
+        if getattr(model, "peft_config", None) or getattr(model, "_hf_peft_config_loaded", False):
+            raise NotImplementedError(
+                "ExMeCallback does not support PEFT (LoRA) models yet: blending adapter factors is not the ExMe "
+                "model. Fine-tune without `peft_config`."
+            )
+        if not trainable_tensors(model):
+            raise ValueError("ExMeCallback found no trainable parameters in the model: nothing to extrapolate.")
+        if state.global_step > 0:
+            raise NotImplementedError(
+                "ExMeCallback cannot resume from a checkpoint yet: the base model's weights are not in it. Start "
+                "the run from the beginning."
+            )

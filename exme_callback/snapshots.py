@@ -1,0 +1,129 @@
+"""The tensors ExMe keeps: the base and the best checkpoints, in CPU memory or on disk.
+
+Only trainable tensors are kept (what fine-tuning changes), each in its own dtype, so the kept state is exact and
+costs what the trainable parameters cost, once per snapshot. `storage="disk"` writes safetensors shards and reads
+them back tensor by tensor, so a sweep never holds a whole snapshot in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["SnapshotStore", "trainable_tensors"]
+
+STORAGES = ("cpu", "disk")
+_SHARD_BYTES = 1 << 30  # bounds the CPU memory a disk snapshot needs while it is written
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The live tensors of `model`'s trainable parameters, by name (tied parameters once).
+
+    The tensors are the parameters' own storage (`param.data`): writing into them changes the model.
+    """
+    return {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+
+
+class SnapshotStore:
+    """Named copies of state dicts, kept in CPU memory (`storage="cpu"`) or as safetensors files (`"disk"`).
+
+    Args:
+        storage (`str`, *optional*, defaults to `"cpu"`): `"cpu"` or `"disk"`.
+        directory (`str`, *optional*): where `"disk"` snapshots are written; required for `"disk"`.
+    """
+
+    def __init__(self, storage: str = "cpu", directory: str | os.PathLike | None = None):
+        if storage not in STORAGES:
+            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
+        if storage == "disk" and directory is None:
+            raise ValueError("`storage='disk'` needs a `directory` to write snapshots to.")
+        self.storage = storage
+        self.directory = None if directory is None else os.fspath(directory)
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self._files: dict[str, dict[str, str]] = {}  # key -> tensor name -> shard path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory or key in self._files
+
+    def keys(self) -> list[str]:
+        return [*self._memory, *self._files]
+
+    def save(self, key: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy `tensors` under `key` (replacing an earlier snapshot of that key)."""
+        self.delete(key)
+        if self.storage == "cpu":
+            self._memory[key] = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+        else:
+            self._files[key] = self._write(key, tensors)
+
+    def load(self, key: str) -> Mapping[str, torch.Tensor]:
+        """The snapshot `key`: a `dict` for `"cpu"`, a mapping that reads each tensor on access for `"disk"`."""
+        if key in self._memory:
+            return self._memory[key]
+        if key in self._files:
+            return _SafetensorsMapping(self._files[key])
+        raise KeyError(f"No snapshot named {key!r}; kept: {self.keys()}")
+
+    def delete(self, key: str) -> None:
+        self._memory.pop(key, None)
+        for path in set(self._files.pop(key, {}).values()):
+            os.remove(path)
+
+    def nbytes(self) -> int:
+        """The bytes held by the kept snapshots (in memory or on disk)."""
+        in_memory = sum(t.numel() * t.element_size() for s in self._memory.values() for t in s.values())
+        return in_memory + sum(os.path.getsize(p) for s in self._files.values() for p in set(s.values()))
+
+    def clear(self) -> None:
+        for key in self.keys():
+            self.delete(key)
+        if self.directory is not None and os.path.isdir(self.directory) and not os.listdir(self.directory):
+            shutil.rmtree(self.directory)
+
+    def _write(self, key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        os.makedirs(self.directory, exist_ok=True)
+        index: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            path = os.path.join(self.directory, f"{key}-{len(set(index.values())):05d}.safetensors")
+            save_file(shard, path + ".tmp")
+            os.replace(path + ".tmp", path)  # a snapshot file is complete or absent
+            index.update(dict.fromkeys(shard, path))
+            shard, size = {}, 0
+
+        for name, tensor in tensors.items():
+            shard[name] = tensor.detach().to("cpu").contiguous()
+            size += tensor.numel() * tensor.element_size()
+            if size >= _SHARD_BYTES:
+                flush()
+        if shard or not index:
+            flush()
+        return index
+
+
+class _SafetensorsMapping(Mapping[str, torch.Tensor]):
+    """Read-only mapping over safetensors shards that loads one tensor per access."""
+
+    def __init__(self, index: dict[str, str]):
+        self._index = index
+        self._handles: dict[str, object] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._index[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt", device="cpu")
+        return self._handles[path].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)

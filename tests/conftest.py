@@ -1,0 +1,127 @@
+"""Tiny models, tokenizers and datasets built in-process: the tests never touch the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
+
+WORDS = "the a cat dog sat ran on under mat log red blue big small and is was".split()
+
+
+class RegressionConfig(PretrainedConfig):
+    model_type = "exme-regression"
+
+    def __init__(self, a: float = 0.0, b: float = 0.0, **kwargs):
+        self.a, self.b = a, b
+        super().__init__(**kwargs)
+
+
+class RegressionModel(PreTrainedModel):
+    """`y = a * x + b`: two scalars, so every candidate of the plane has closed-form weights."""
+
+    config_class = RegressionConfig
+
+    def __init__(self, config: RegressionConfig):
+        super().__init__(config)
+        self.a = nn.Parameter(torch.tensor(float(config.a)))
+        self.b = nn.Parameter(torch.tensor(float(config.b)))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+
+    def forward(self, input_x, labels=None):
+        y = self.a * input_x + self.b
+        loss = None if labels is None else nn.functional.mse_loss(y, labels)
+        return {"loss": loss, "logits": y}
+
+
+class RegressionDataset(torch.utils.data.Dataset):
+    """`y = 2 x + 3` plus fixed noise."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, generator=generator)
+        self.y = 2.0 * self.x + 3.0 + 0.1 * torch.randn(n, generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_x": self.x[i], "labels": self.y[i]}
+
+
+def regression_args(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=0.05,
+        num_train_epochs=4,
+        eval_strategy="steps",
+        eval_steps=8,
+        save_strategy="no",
+        logging_steps=4,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def make_texts(n: int, seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n):
+        adjective, noun = WORDS[9 + int(torch.randint(4, (1,), generator=generator))], WORDS[2 + int(torch.randint(2, (1,), generator=generator))]
+        texts.append(f"the {adjective} {noun} sat on the mat and the {noun} was {adjective}")
+    return texts
+
+
+@pytest.fixture
+def regression():
+    """A fresh regression model, its training and evaluation data."""
+    return RegressionModel(RegressionConfig()), RegressionDataset(64, seed=0), RegressionDataset(32, seed=1)
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()

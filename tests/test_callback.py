@@ -1,0 +1,266 @@
+"""ExMeCallback on a two-scalar regression model: every candidate's weights are known in closed form."""
+
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+from conftest import RegressionDataset, RegressionModel, regression_args
+from torch.testing import assert_close
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+
+from exme_callback import ExMeCallback, exme_coefficients
+from exme_callback.search import DEFAULT_ALPHAS, DEFAULT_BETAS
+
+TARGET = torch.tensor([2.5, 2.0], dtype=torch.float64)  # the (a, b) the recording evaluator rewards
+
+
+def weights(model) -> torch.Tensor:
+    return torch.stack([model.a.detach(), model.b.detach()]).double()
+
+
+class RecordingEvaluator:
+    """Scores `-|(a, b) - TARGET|^2` (a closed form of the weights) and records the weights it saw."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, model):
+        w = weights(model)
+        self.seen.append(w)
+        return {"closeness": -float(((w - TARGET) ** 2).sum())}
+
+
+def train(tmp_path, regression, callback_kwargs=None, evaluator=None, **args):
+    model, train_data, eval_data = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path, **args), train_dataset=train_data,
+                      eval_dataset=eval_data)
+    callback = ExMeCallback(trainer, evaluator=evaluator, **(callback_kwargs or {}))
+    trainer.add_callback(callback)
+    trainer.train()
+    return trainer, callback
+
+
+def test_every_candidate_is_base_plus_plane_combination(tmp_path, regression):
+    evaluator = RecordingEvaluator()
+    base = weights(regression[0])
+    trainer, callback = train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator)
+    trained = weights(trainer.model)
+
+    # Evaluations: the base, 8 checkpoints during training (32 steps, every 8), then the sweep.
+    assert len(evaluator.seen) == 1 + 4 + 2 * len(DEFAULT_ALPHAS) + len(DEFAULT_BETAS) + 2
+    assert_close(evaluator.seen[0], base)
+    checkpoints = {8 * (i + 1): w for i, w in enumerate(evaluator.seen[1:5])}
+    report = callback.report
+    (step1, s1), (step2, s2) = [(c.step, c.score) for c in report.checkpoints]
+    scores = {step: -float(((w - TARGET) ** 2).sum()) for step, w in checkpoints.items()}
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    assert [step1, step2] == ranked[:2] and s1 == pytest.approx(scores[step1])
+
+    d1, d2 = checkpoints[step1] - base, checkpoints[step2] - base
+    sweep_seen = evaluator.seen[5:]
+    candidates = [c for c in report.candidates]
+    assert [c.kind for c in candidates] == ["sft"] * 2 + ["expo"] * 10 + ["exme"] * 9
+    for candidate, seen in zip(candidates, sweep_seen):
+        expected = base + candidate.c1 * d1 + candidate.c2 * d2
+        assert_close(seen, expected, rtol=1e-5, atol=1e-6)
+        assert candidate.score == pytest.approx(-float(((expected - TARGET) ** 2).sum()), rel=1e-4, abs=1e-6)
+
+    # The alpha of each EXPO is the best of the grid; ExMe uses those two alphas.
+    expo = [c for c in candidates if c.kind == "expo"]
+    alpha1 = max(expo[:5], key=lambda c: c.score).alpha1
+    alpha2 = max(expo[5:], key=lambda c: c.score).alpha2
+    for c, beta in zip(candidates[12:], DEFAULT_BETAS):
+        assert (c.alpha1, c.alpha2, c.beta) == (alpha1, alpha2, beta)
+        assert (c.c1, c.c2) == pytest.approx(exme_coefficients(alpha1, alpha2, beta))
+
+    # The final model is the best candidate, saved; the live model holds the trained weights again.
+    best = max(candidates, key=lambda c: c.score)
+    assert (report.final.c1, report.final.c2) == (best.c1, best.c2)
+    assert report.final.score >= max(s1, s2)
+    assert torch.equal(weights(trainer.model), trained)
+    saved = RegressionModel.from_pretrained(tmp_path / "exme")
+    assert_close(weights(saved), base + best.c1 * d1 + best.c2 * d2, rtol=1e-6, atol=1e-6)
+    assert evaluator(saved)["closeness"] == pytest.approx(report.final.score, rel=1e-5)
+
+
+def test_report_files(tmp_path, regression):
+    trainer, callback = train(tmp_path, regression)
+    with open(tmp_path / "exme" / "exme_report.json") as f:
+        data = json.load(f)
+    assert data["metric"] == "eval_loss" and data["greater_is_better"] is False
+    assert [c["step"] for c in data["checkpoints"]] == [c.step for c in callback.report.checkpoints]
+    assert data["final"] == callback.report.final.to_dict()
+    for entry in data["candidates"]:
+        assert set(entry) >= {"kind", "step1", "step2", "alpha1", "alpha2", "beta", "c1", "c2", "score"}
+    table = (tmp_path / "exme" / "exme_report.md").read_text()
+    for row in ("| Base |", "| SFT-1 |", "| SFT-2 |", "| EXPO-1 |", "| EXPO-2 |", "| ExMe |", "| Chosen ("):
+        assert row in table
+    assert f"{callback.report.final.score:.4f}" in table
+
+
+def test_trainer_evaluation_reuses_training_scores_and_leaves_trainer_state(tmp_path, regression):
+    model, train_data, eval_data = regression
+    args = regression_args(tmp_path, metric_for_best_model="loss", save_strategy="steps", save_steps=8,
+                           load_best_model_at_end=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=100)])
+    early_stopping = next(c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback))
+
+    class Snapshot(TrainerCallback):
+        """Captures the trainer's state as training left it, just before the sweep."""
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.state = (state.best_metric, state.best_model_checkpoint, early_stopping.early_stopping_patience_counter,
+                          [dict(e) for e in state.log_history])
+
+    snapshot = Snapshot()
+    trainer.add_callback(snapshot)  # runs before ExMeCallback's on_train_end
+    callback = ExMeCallback(trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+
+    best_metric, best_checkpoint, patience, history = snapshot.state
+    assert trainer.state.best_metric == best_metric and trainer.state.best_model_checkpoint == best_checkpoint
+    assert early_stopping.early_stopping_patience_counter == patience
+    eval_entries = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert eval_entries == [e for e in history if "eval_loss" in e]
+    assert not any(k.startswith("eval_") for e in trainer.state.log_history[len(history):] for k in e)
+    assert any("exme/score" in e for e in trainer.state.log_history[len(history):])
+    # SFT rows reuse the training evaluations: no re-evaluation, same numbers.
+    training_scores = {e["step"]: e["eval_loss"] for e in eval_entries}
+    for candidate in callback.report.candidates[:2]:
+        assert candidate.score == training_scores[candidate.step1 or candidate.step2]
+
+
+def test_restores_trained_weights_exactly_and_load_exme_at_end(tmp_path, regression):
+    trainer, callback = train(tmp_path / "restore", regression)
+    final = callback.report.final
+    assert (final.c1, final.c2) != (1.0, 0.0)  # the test needs a final model other than the trained one
+    trained = weights(trainer.model)
+
+    fresh = (RegressionModel(regression[0].config), RegressionDataset(64, 0), RegressionDataset(32, 1))
+    trainer2, callback2 = train(tmp_path / "load", fresh, {"load_exme_at_end": True})
+    assert torch.equal(weights(trainer2.model).float(), weights(RegressionModel.from_pretrained(tmp_path / "load" / "exme")).float())
+    assert not torch.equal(weights(trainer2.model), trained)
+
+
+def test_disk_storage_equals_cpu_storage(tmp_path, regression):
+    _, cpu = train(tmp_path / "cpu", regression)
+    fresh = (RegressionModel(regression[0].config), RegressionDataset(64, 0), RegressionDataset(32, 1))
+    _, disk = train(tmp_path / "disk", fresh, {"storage": "disk"})
+    assert [c.to_dict() for c in disk.report.candidates] == [c.to_dict() for c in cpu.report.candidates]
+    assert not os.path.exists(tmp_path / "disk" / "exme-snapshots")
+    a = RegressionModel.from_pretrained(tmp_path / "cpu" / "exme")
+    b = RegressionModel.from_pretrained(tmp_path / "disk" / "exme")
+    assert torch.equal(weights(a), weights(b))
+
+
+def test_choose_from_exme_picks_the_best_merge(tmp_path, regression):
+    _, callback = train(tmp_path, regression, {"choose_from": "exme"})
+    merges = [c for c in callback.report.candidates if c.kind == "exme"]
+    assert callback.report.final == min(merges, key=lambda c: c.score)
+
+
+def test_one_checkpoint_extrapolates_with_a_warning(tmp_path, regression, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, callback = train(tmp_path, regression, eval_steps=32)
+    assert "only one checkpoint" in caplog.text
+    assert [c.kind for c in callback.report.candidates] == ["sft"] + ["expo"] * 5
+    assert all(c.c2 == 0.0 for c in callback.report.candidates)
+
+
+def test_no_evaluation_warns_and_writes_nothing(tmp_path, regression, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, callback = train(tmp_path, regression, eval_delay=1000)
+    assert "no checkpoint was evaluated" in caplog.text
+    assert callback.report is None and not os.path.exists(tmp_path / "exme")
+
+
+def test_non_finite_scores_are_skipped_and_reported(tmp_path, regression):
+    def evaluator(model):
+        a = model.a.item()
+        return {"score": math.nan if a > 2.05 else -abs(a - 2.0)}
+
+    _, callback = train(tmp_path, regression, {"metrics": {"score": "max"}, "alphas": (0.1, 5.0)}, evaluator)
+    skipped = [c for c in callback.report.candidates if not c.valid]
+    assert skipped and all("non-finite" in c.error for c in skipped)
+    assert callback.report.final.valid
+    assert "Skipped candidates" in (tmp_path / "exme" / "exme_report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"alphas": ()}, ValueError, "`alphas` must be a non-empty"),
+        ({"alphas": (0.1, float("nan"))}, ValueError, "`alphas` must be .* finite"),
+        ({"alphas": (-0.1,)}, ValueError, r"`alphas` must be .* >= 0"),
+        ({"alphas": (0.1, 0.1)}, ValueError, "`alphas` must not repeat"),
+        ({"betas": (0.5, 1.5)}, ValueError, r"`betas` must be .* in \[0.0, 1.0\]"),
+        ({"betas": "0.5"}, TypeError, "`betas` must be a sequence"),
+        ({"choose_from": "best"}, ValueError, "`choose_from` must be one of"),
+        ({"storage": "gpu"}, ValueError, "`storage` must be one of"),
+        ({"metrics": []}, ValueError, "`metrics` must be a non-empty list"),
+        ({"metrics": {"eval_loss": "lower"}}, ValueError, "`metrics` must map metric names to 'max' or 'min'"),
+        ({"load_exme_at_end": "yes"}, TypeError, "`load_exme_at_end` must be a bool"),
+        ({"evaluator": 3}, TypeError, "`evaluator` must be a callable"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ExMeCallback(evaluator=lambda model: {}, **kwargs) if "evaluator" not in kwargs else ExMeCallback(**kwargs)
+
+
+def test_needs_trainer_or_evaluator():
+    with pytest.raises(ValueError, match="pass the trainer"):
+        ExMeCallback()
+    with pytest.raises(TypeError, match="`trainer` must be a `transformers.Trainer`"):
+        ExMeCallback("trainer")
+
+
+def test_no_eval_strategy_is_refused_before_training(tmp_path, regression):
+    model, train_data, _ = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path, eval_strategy="no"), train_dataset=train_data)
+    trainer.add_callback(ExMeCallback(trainer))
+    before = weights(model)
+    with pytest.raises(ValueError, match="`eval_strategy` is 'no'"):
+        trainer.train()
+    assert torch.equal(weights(model), before)  # refused before any step
+
+
+def test_no_eval_dataset_is_refused(tmp_path, regression):
+    model, train_data, _ = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path, eval_strategy="no"), train_dataset=train_data)
+    trainer.args.eval_strategy = "steps"  # as if the dataset were removed after construction
+    trainer.add_callback(ExMeCallback(trainer))
+    with pytest.raises(ValueError, match="has no `eval_dataset`"):
+        trainer.train()
+
+
+def test_missing_metric_is_refused_before_training(tmp_path, regression):
+    model = regression[0]
+    before = weights(model)
+    with pytest.raises(KeyError, match="'eval_accuracy' is not in the evaluation's output, which has .*eval_loss"):
+        train(tmp_path, regression, {"metrics": "eval_accuracy"})
+    assert torch.equal(weights(model), before)
+
+
+def test_evaluator_returning_non_numbers_is_refused(tmp_path, regression):
+    with pytest.raises(TypeError, match="'score' must be a real number, got 'high'"):
+        train(tmp_path, regression, {"metrics": "score"}, evaluator=lambda model: {"score": "high"})
+    with pytest.raises(TypeError, match="`evaluator` must return a dict"):
+        train(tmp_path, regression, {"metrics": "score"}, evaluator=lambda model: 0.5)
+
+
+def test_plain_callback_list_with_evaluator(tmp_path, regression):
+    model, train_data, eval_data = regression
+    evaluator = RecordingEvaluator()
+    callback = ExMeCallback(evaluator=evaluator, metrics={"closeness": "max"})
+    trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data,
+                      callbacks=[callback])
+    trainer.train()
+    assert callback.report.final.score == max(c.score for c in callback.report.candidates)
+    assert os.path.exists(tmp_path / "exme" / "exme_report.json")
+    assert os.path.exists(tmp_path / "exme" / "model.safetensors")
