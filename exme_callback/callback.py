@@ -229,7 +229,11 @@ class ExMeCallback(TrainerCallback):
         trained = store.load("trained")
         try:
             candidates = sweep(
-                score, self._kept, self.alphas, self.betas, self.objective.greater_is_better,
+                score,
+                self._kept,
+                self.alphas,
+                self.betas,
+                self.objective.greater_is_better,
                 rescore_checkpoints=not self._reuses_training_scores,
             )
             final = self._choose(candidates)

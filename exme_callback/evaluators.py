@@ -84,9 +84,7 @@ class Objective:
             spec = {}
             for name, direction in metrics.items():
                 if not isinstance(name, str) or direction not in _DIRECTIONS:
-                    raise ValueError(
-                        f"`metrics` must map metric names to 'max' or 'min', got {name!r}: {direction!r}"
-                    )
+                    raise ValueError(f"`metrics` must map metric names to 'max' or 'min', got {name!r}: {direction!r}")
                 spec[name] = _DIRECTIONS[direction]
             return cls(spec)
         if not isinstance(metrics, Sequence) or not metrics or not all(isinstance(m, str) for m in metrics):

@@ -83,7 +83,11 @@ class Report:
         ]
         for label, c in self.rows():
             steps = "/".join(str(s) for s in (c.step1, c.step2) if s is not None) or "-"
-            gain = "-" if reference is None or not c.valid else _number(_gain(c, reference, self.greater_is_better), signed=True)
+            gain = (
+                "-"
+                if reference is None or not c.valid
+                else _number(_gain(c, reference, self.greater_is_better), signed=True)
+            )
             lines.append(
                 f"| {label} | {steps} | {_hyper(c)} | {c.c1:.4g} | {c.c2:.4g} | {_number(c.score)} | {gain} |"
             )

@@ -81,8 +81,7 @@ def validate_grid(name: str, values: Iterable[float], low: float, high: float = 
     grid = tuple(values)
     bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
     if not grid or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-        for v in grid
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high for v in grid
     ):
         raise ValueError(f"`{name}` must be a non-empty sequence of finite numbers {bounds}, got {values!r}")
     if len(set(grid)) != len(grid):
@@ -99,9 +98,7 @@ def is_better(score: float, other: float | None, greater_is_better: bool) -> boo
     return score > other if greater_is_better else score < other
 
 
-def best(
-    candidates: Iterable[Candidate], greater_is_better: bool, kinds: Sequence[str] = KINDS
-) -> Candidate | None:
+def best(candidates: Iterable[Candidate], greater_is_better: bool, kinds: Sequence[str] = KINDS) -> Candidate | None:
     """The best valid candidate of the given kinds; on a tie the earliest (the simplest model) wins."""
     winner = None
     for candidate in candidates:

@@ -111,7 +111,10 @@ def make_texts(n: int, seed: int) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     texts = []
     for _ in range(n):
-        adjective, noun = WORDS[9 + int(torch.randint(4, (1,), generator=generator))], WORDS[2 + int(torch.randint(2, (1,), generator=generator))]
+        adjective, noun = (
+            WORDS[9 + int(torch.randint(4, (1,), generator=generator))],
+            WORDS[2 + int(torch.randint(2, (1,), generator=generator))],
+        )
         texts.append(f"the {adjective} {noun} sat on the mat and the {noun} was {adjective}")
     return texts
 

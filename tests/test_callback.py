@@ -35,8 +35,9 @@ class RecordingEvaluator:
 
 def train(tmp_path, regression, callback_kwargs=None, evaluator=None, **args):
     model, train_data, eval_data = regression
-    trainer = Trainer(model=model, args=regression_args(tmp_path, **args), train_dataset=train_data,
-                      eval_dataset=eval_data)
+    trainer = Trainer(
+        model=model, args=regression_args(tmp_path, **args), train_dataset=train_data, eval_dataset=eval_data
+    )
     callback = ExMeCallback(trainer, evaluator=evaluator, **(callback_kwargs or {}))
     trainer.add_callback(callback)
     trainer.train()
@@ -103,18 +104,28 @@ def test_report_files(tmp_path, regression):
 
 def test_trainer_evaluation_reuses_training_scores_and_leaves_trainer_state(tmp_path, regression):
     model, train_data, eval_data = regression
-    args = regression_args(tmp_path, metric_for_best_model="loss", save_strategy="steps", save_steps=8,
-                           load_best_model_at_end=True)
-    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                      callbacks=[EarlyStoppingCallback(early_stopping_patience=100)])
+    args = regression_args(
+        tmp_path, metric_for_best_model="loss", save_strategy="steps", save_steps=8, load_best_model_at_end=True
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=100)],
+    )
     early_stopping = next(c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback))
 
     class Snapshot(TrainerCallback):
         """Captures the trainer's state as training left it, just before the sweep."""
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.state = (state.best_metric, state.best_model_checkpoint, early_stopping.early_stopping_patience_counter,
-                          [dict(e) for e in state.log_history])
+            self.state = (
+                state.best_metric,
+                state.best_model_checkpoint,
+                early_stopping.early_stopping_patience_counter,
+                [dict(e) for e in state.log_history],
+            )
 
     snapshot = Snapshot()
     trainer.add_callback(snapshot)  # runs before ExMeCallback's on_train_end
@@ -127,8 +138,8 @@ def test_trainer_evaluation_reuses_training_scores_and_leaves_trainer_state(tmp_
     assert early_stopping.early_stopping_patience_counter == patience
     eval_entries = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert eval_entries == [e for e in history if "eval_loss" in e]
-    assert not any(k.startswith("eval_") for e in trainer.state.log_history[len(history):] for k in e)
-    assert any("exme/score" in e for e in trainer.state.log_history[len(history):])
+    assert not any(k.startswith("eval_") for e in trainer.state.log_history[len(history) :] for k in e)
+    assert any("exme/score" in e for e in trainer.state.log_history[len(history) :])
     # SFT rows reuse the training evaluations: no re-evaluation, same numbers.
     training_scores = {e["step"]: e["eval_loss"] for e in eval_entries}
     for candidate in callback.report.candidates[:2]:
@@ -143,7 +154,9 @@ def test_restores_trained_weights_exactly_and_load_exme_at_end(tmp_path, regress
 
     fresh = (RegressionModel(regression[0].config), RegressionDataset(64, 0), RegressionDataset(32, 1))
     trainer2, callback2 = train(tmp_path / "load", fresh, {"load_exme_at_end": True})
-    assert torch.equal(weights(trainer2.model).float(), weights(RegressionModel.from_pretrained(tmp_path / "load" / "exme")).float())
+    assert torch.equal(
+        weights(trainer2.model).float(), weights(RegressionModel.from_pretrained(tmp_path / "load" / "exme")).float()
+    )
     assert not torch.equal(weights(trainer2.model), trained)
 
 
@@ -258,8 +271,13 @@ def test_plain_callback_list_with_evaluator(tmp_path, regression):
     model, train_data, eval_data = regression
     evaluator = RecordingEvaluator()
     callback = ExMeCallback(evaluator=evaluator, metrics={"closeness": "max"})
-    trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data,
-                      callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=regression_args(tmp_path),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        callbacks=[callback],
+    )
     trainer.train()
     assert callback.report.final.score == max(c.score for c in callback.report.candidates)
     assert os.path.exists(tmp_path / "exme" / "exme_report.json")
