@@ -139,7 +139,7 @@ def extrapolate(base: StateDict, sft: StateDict, alpha: float, out=None) -> dict
 
 
 def interpolate(model1: StateDict, model2: StateDict, weight: float, out=None) -> dict[str, torch.Tensor]:
-    """Weighted merge: `weight * model1 + (1 - weight) * model2`, i.e. `combine(model1, model1, model2, 0, 1 - weight)`.
+    """Weighted merge `weight * model1 + (1 - weight) * model2`: `combine(model1, model1, model2, 0, 1 - weight)`.
 
     Args:
         model1 (`Mapping[str, torch.Tensor]`): the first model.
