@@ -25,7 +25,7 @@ from collections.abc import Mapping, MutableMapping
 
 import torch
 
-__all__ = ["combine", "combine_tensor", "extrapolate", "interpolate"]
+__all__ = ["DensePlane", "combine", "combine_tensor", "extrapolate", "interpolate"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -157,3 +157,27 @@ def _lookup(tensors: StateDict | None, label: str, name: str) -> torch.Tensor:
         raise KeyError(
             f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names."
         ) from None
+
+
+class DensePlane:
+    """The plane written into live tensors (a model's parameters): full fine-tuning's candidates.
+
+    `apply(c1, c2)` sets every live tensor to `theta(c1, c2)`, one tensor at a time; `close()` copies `trained`
+    back, bit for bit (`close(keep=True)` leaves the last candidate in place).
+
+    Args:
+        live (`MutableMapping[str, torch.Tensor]`): the tensors written in place.
+        base, sft1, sft2 (`Mapping[str, torch.Tensor]`): the plane's three points.
+        trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
+    """
+
+    def __init__(self, live, base: StateDict, sft1: StateDict, sft2: StateDict, trained: StateDict):
+        self.live, self.base, self.sft1, self.sft2, self.trained = live, base, sft1, sft2, trained
+
+    def apply(self, c1: float, c2: float) -> None:
+        combine(self.base, self.sft1, self.sft2, c1, c2, out=self.live)
+
+    def close(self, keep: bool = False) -> None:
+        if not keep:
+            for name, tensor in self.trained.items():
+                self.live[name].copy_(tensor)

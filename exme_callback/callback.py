@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .arithmetic import combine
+from .arithmetic import DensePlane
 from .evaluators import Evaluator, Objective, TrainerEvaluator, muted, numeric_metrics
+from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
 from .search import (
     DEFAULT_ALPHAS,
@@ -77,7 +78,10 @@ class ExMeCallback(TrainerCallback):
             Where the result is written; defaults to `<args.output_dir>/exme`.
         load_exme_at_end (`bool`, *optional*, defaults to `False`):
             Leave the chosen model loaded after training (so `trainer.save_model()` saves it) instead of the
-            trained weights.
+            trained weights. For LoRA runs the chosen model is an adapter named `"exme"`, left active.
+        save_merged (`bool`, *optional*, defaults to `False`):
+            LoRA runs: also save the chosen model fused into the base weights, in `<output_dir>/exme/merged`.
+            (The chosen adapter itself is always saved, as a PEFT adapter folder.)
         evaluate_base (`bool`, *optional*, defaults to `True`):
             Score the base model when training begins: it checks the metric before any training and adds the Base
             row to the report.
@@ -107,6 +111,7 @@ class ExMeCallback(TrainerCallback):
         storage: str = "cpu",
         output_dir: str | os.PathLike | None = None,
         load_exme_at_end: bool = False,
+        save_merged: bool = False,
         evaluate_base: bool = True,
     ):
         if trainer is not None and not (hasattr(trainer, "evaluate") and hasattr(trainer, "callback_handler")):
@@ -122,7 +127,8 @@ class ExMeCallback(TrainerCallback):
             raise ValueError(f"`choose_from` must be one of {CHOOSE_FROM}, got {choose_from!r}")
         if storage not in STORAGES:
             raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
-        for name, flag in (("load_exme_at_end", load_exme_at_end), ("evaluate_base", evaluate_base)):
+        flags = {"load_exme_at_end": load_exme_at_end, "save_merged": save_merged, "evaluate_base": evaluate_base}
+        for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         self.trainer = trainer
@@ -134,6 +140,7 @@ class ExMeCallback(TrainerCallback):
         self.storage = storage
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end = load_exme_at_end
+        self.save_merged = save_merged
         self.evaluate_base = evaluate_base
 
         self.report: Report | None = None  # the last sweep's result, also written to exme_report.json
@@ -211,8 +218,11 @@ class ExMeCallback(TrainerCallback):
         store, steps = self._store, [c.step for c in self._kept]
         live = trainable_tensors(model)
         store.save("trained", live)
-        base, sft = store.load("base"), [store.load(f"step-{s}") for s in steps]
+        base, trained = store.load("base"), store.load("trained")
+        sft = [store.load(f"step-{s}") for s in steps]
         sft2 = sft[-1]  # with one checkpoint c2 is always 0, so the second task vector is never read
+        plane_type = LoraPlane if is_peft_model(model) else DensePlane
+        plane = plane_type(model if plane_type is LoraPlane else live, base, sft[0], sft2, trained)
 
         progress = tqdm(
             total=count_candidates(len(steps), self.alphas, self.betas, not self._reuses_training_scores),
@@ -221,12 +231,11 @@ class ExMeCallback(TrainerCallback):
         )
 
         def score(candidate: Candidate) -> Candidate:
-            combine(base, sft[0], sft2, candidate.c1, candidate.c2, out=live)
+            plane.apply(candidate.c1, candidate.c2)
             self._score(model, candidate)
             progress.update()
             return candidate
 
-        trained = store.load("trained")
         try:
             candidates = sweep(
                 score,
@@ -237,7 +246,7 @@ class ExMeCallback(TrainerCallback):
                 rescore_checkpoints=not self._reuses_training_scores,
             )
             final = self._choose(candidates)
-            combine(base, sft[0], sft2, final.c1, final.c2, out=live)
+            plane.apply(final.c1, final.c2)
             self.report = Report(
                 metric=self.objective.name,
                 greater_is_better=self.objective.greater_is_better,
@@ -249,12 +258,10 @@ class ExMeCallback(TrainerCallback):
                 choose_from=self.choose_from,
                 base=self._base,
             )
-            self._save(args, state, model, processing_class)
+            self._save(args, state, model, processing_class, plane)
         finally:
             progress.close()
-            if not self.load_exme_at_end or self.report is None:
-                for name, tensor in trained.items():  # the trained weights, bit for bit
-                    live[name].copy_(tensor)
+            plane.close(keep=self.load_exme_at_end and self.report is not None)  # else the trained weights, exactly
         self._log_result()
 
     def _choose(self, candidates: list[Candidate]) -> Candidate:
@@ -269,17 +276,28 @@ class ExMeCallback(TrainerCallback):
             final = next(c for c in candidates if c.kind == "sft")
         return final
 
-    def _save(self, args, state, model, processing_class) -> None:
-        destination = self.output_dir or os.path.join(args.output_dir, "exme")
-        with publish_dir(destination, write=state.is_world_process_zero) as folder:
-            if self.trainer is not None:
+    def _save(self, args, state, model, processing_class, plane) -> None:
+        destination = os.path.abspath(self.output_dir or os.path.join(args.output_dir, "exme"))
+        main = state.is_world_process_zero
+        processing_class = processing_class or getattr(self.trainer, "processing_class", None)
+        with publish_dir(destination, write=main) as folder:
+            if isinstance(plane, LoraPlane):
+                if main:
+                    plane.save_adapter(folder)
+                    self.report.saved = {"adapter": destination}
+                    if self.save_merged:
+                        plane.save_merged(os.path.join(folder, "merged"))
+                        self.report.saved["merged"] = os.path.join(destination, "merged")
+            elif self.trainer is not None:
                 self.trainer.save_model(folder)  # gathers sharded weights; writes on the main process only
-            elif state.is_world_process_zero:
+                self.report.saved = {"model": destination}
+            elif main:
                 model.save_pretrained(folder)
-                if processing_class is not None:
-                    processing_class.save_pretrained(folder)
-            if state.is_world_process_zero:
-                self.report.saved = {"model": os.path.abspath(destination)}
+                self.report.saved = {"model": destination}
+            if main:
+                for subfolder in self.report.saved.values():
+                    if processing_class is not None:
+                        processing_class.save_pretrained(subfolder.replace(destination, folder, 1))
                 self.report.write(folder)
 
     def _log_result(self) -> None:
@@ -341,11 +359,8 @@ class ExMeCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
-        if getattr(model, "peft_config", None) or getattr(model, "_hf_peft_config_loaded", False):
-            raise NotImplementedError(
-                "ExMeCallback does not support PEFT (LoRA) models yet: blending adapter factors is not the ExMe "
-                "model. Fine-tune without `peft_config`."
-            )
+        if is_peft_model(model):
+            check_peft_model(model)
         if not trainable_tensors(model):
             raise ValueError("ExMeCallback found no trainable parameters in the model: nothing to extrapolate.")
         if state.global_step > 0:

@@ -88,7 +88,7 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_llama(seed: int = 0):
+def make_llama(seed: int = 0, bias: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -103,6 +103,8 @@ def make_llama(seed: int = 0):
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=1,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     return LlamaForCausalLM(config)
 

@@ -98,3 +98,56 @@ def test_sft_trainer_full_fine_tuning(tmp_path, tokenizer):
     kinds = [c.kind for c in callback.report.candidates]
     assert kinds == ["sft"] * 2 + ["expo"] * 10 + ["exme"] * 9
     assert any("exme/score" in entry for entry in trainer.state.log_history)
+
+
+def test_sft_trainer_lora(tmp_path, tokenizer):
+    from peft import LoraConfig, PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    class Recorder(ExMeCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.kept_bytes = self._store.nbytes()
+            self.before_sweep = trainable(model)
+            return super().on_train_end(args, state, control, model=model, **kwargs)
+
+    base_model = make_llama()
+    trainer = SFTTrainer(
+        model=base_model,
+        args=SFTConfig(output_dir=str(tmp_path), max_length=32, **{**COMMON, "learning_rate": 2e-2}),
+        train_dataset=Dataset.from_dict({"text": make_texts(96, seed=0)}),
+        eval_dataset=Dataset.from_dict({"text": make_texts(32, seed=1)}),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    callback = Recorder(trainer, save_merged=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    report = callback.report
+
+    # Kept: base, two checkpoints and the trained state, each the size of the adapter, no base weights.
+    adapter_bytes = sum(t.numel() * t.element_size() for t in callback.before_sweep.values())
+    assert callback.kept_bytes == 3 * adapter_bytes
+    assert all(".lora_A." in name or ".lora_B." in name for name in callback.before_sweep)
+
+    # The trained adapter is back, active, alone, exact.
+    assert list(trainer.model.peft_config) == ["default"]
+    for name, tensor in trainable(trainer.model).items():
+        assert torch.equal(tensor, callback.before_sweep[name]), name
+
+    # The saved adapter (two blocks: rank 2r) and the fused model give the same outputs and score what the
+    # report says under the same evaluation.
+    assert report.saved == {"adapter": str(tmp_path / "exme"), "merged": str(tmp_path / "exme" / "merged")}
+    reloaded = PeftModel.from_pretrained(make_llama(), str(tmp_path / "exme")).eval()
+    assert reloaded.peft_config["default"].r == 8
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exme" / "merged").eval()
+    batch = tokenizer(make_texts(4, seed=5), return_tensors="pt")
+    with torch.no_grad():
+        assert_close(reloaded(**batch).logits, merged(**batch).logits, rtol=1e-5, atol=1e-5)
+    evaluation = SFTTrainer(
+        model=merged,
+        args=SFTConfig(output_dir=str(tmp_path / "check"), max_length=32, **COMMON),
+        train_dataset=Dataset.from_dict({"text": make_texts(8, seed=0)}),
+        eval_dataset=Dataset.from_dict({"text": make_texts(32, seed=1)}),
+        processing_class=AutoTokenizer.from_pretrained(tmp_path / "exme" / "merged"),
+    )
+    assert_close(evaluation.evaluate()["eval_loss"], report.final.score, rtol=1e-4, atol=1e-6)  # fused: rounding

@@ -1,0 +1,251 @@
+r"""PEFT glue: the ExMe plane of a LoRA run, exactly, as one adapter of rank r1 + r2.
+
+For an adapted module with scaling `s`, checkpoint `i` (factors `A_i`, `B_i`) changes the weight by
+`d_i = s * B_i @ A_i`. The candidate `(c1, c2)` is `W + c1 * d1 + c2 * d2`, and
+
+```
+c1 * s * B1 @ A1 + c2 * s * B2 @ A2 = [B1, B2] @ [c1 * s * A1; c2 * s * A2]
+```
+
+is one LoRA adapter of rank `r1 + r2` with scaling 1: the B factors side by side, the A factors stacked with their
+coefficients. The sweep adds that adapter (named `"exme"`) once, activates it in place of the trained adapter, and
+switches candidates by rewriting its A factors: adapter-sized work that never touches the base weights. Blending
+the A and B factors of the checkpoints separately would not be this model (`(B1 + B2)(A1 + A2) != B1 A1 + B2 A2`).
+
+When the starting adapter is not zero (PiSSA, OLoRA and other initializations that set `B != 0`), a third block
+with coefficient `1 - c1 - c2` carries it, so the candidate is still `base + c1 * d1 + c2 * d2` exactly.
+
+Trainable tensors outside the adapter factors (`modules_to_save`, biases, trainable tokens) are dense deltas,
+combined as in full fine-tuning into the `"exme"` adapter's own copies (biases, which adapters share, in place).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from .arithmetic import StateDict, combine
+
+__all__ = ["LoraPlane", "check_peft_model", "is_peft_model"]
+
+EXME_ADAPTER = "exme"
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a `peft.PeftModel` (or carries adapters loaded through transformers' PEFT integration)."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return True
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def check_peft_model(model: torch.nn.Module) -> None:
+    """Refuse the PEFT set-ups the LoRA plane does not cover, saying what is supported."""
+    from peft import PeftModel, PeftType
+
+    if not isinstance(model, PeftModel):
+        raise NotImplementedError(
+            "ExMeCallback supports PEFT through `peft.PeftModel` (`get_peft_model(model, LoraConfig(...))`, or "
+            "`SFTTrainer(..., peft_config=...)`), not adapters added with `model.add_adapter`."
+        )
+    config = model.peft_config[model.active_adapter]
+    if config.peft_type != PeftType.LORA:
+        raise NotImplementedError(
+            f"ExMeCallback supports LoRA among PEFT methods, got {config.peft_type.value}; use a `LoraConfig`."
+        )
+    if getattr(config, "target_parameters", None):
+        raise NotImplementedError("ExMeCallback does not support LoRA on `target_parameters`; use `target_modules`.")
+    if config.use_dora:
+        raise NotImplementedError(
+            "ExMeCallback does not support DoRA yet: its weight is not linear in the adapter's scale, so candidates "
+            "need dense effective weights. Use plain LoRA (`use_dora=False`)."
+        )
+
+
+class LoraPlane:
+    """The candidates of a LoRA run, written into one live adapter of rank `r1 + r2` (see the module docstring).
+
+    Creating it adds the `"exme"` adapter and activates it; `apply(c1, c2)` makes the model compute
+    `theta(c1, c2)`; `close()` puts the trained adapter back as the active one and removes `"exme"`.
+
+    Args:
+        model (`peft.PeftModel`): the model whose active adapter was trained.
+        base, sft1, sft2 (`Mapping[str, torch.Tensor]`): trainable tensors at the start and at the two checkpoints.
+        trained (`Mapping[str, torch.Tensor]`): trainable tensors at the end of training, restored by `close()`.
+    """
+
+    def __init__(self, model, base: StateDict, sft1: StateDict, sft2: StateDict, trained: StateDict):
+        from peft.tuners.lora import LoraLayer
+
+        self.model, self.trained = model, trained
+        self.adapter = model.active_adapter
+        config = model.peft_config[self.adapter]
+        layers = {
+            prefix: layer
+            for prefix, layer in model.named_modules()
+            if isinstance(layer, LoraLayer)
+            and (self.adapter in layer.lora_A or self.adapter in layer.lora_embedding_A)
+        }
+        factor_names = {name for prefix in layers for name in _factor_names(prefix, layers[prefix], self.adapter)}
+
+        # The plane's points, per block: each checkpoint, and the starting adapter when it is not zero.
+        points = [sft1, sft2]
+        if any(torch.count_nonzero(base[_factor_names(p, m, self.adapter)[1]]) for p, m in layers.items()):
+            points.append(base)
+        self._points = points
+
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.add_adapter(EXME_ADAPTER, _block_config(config, len(points)))
+        model.set_adapter(EXME_ADAPTER)
+        self._restore_requires_grad()
+
+        self._factors = []  # (trained scaling, A name, B-bias name or None, live A, live B bias or None)
+        with torch.no_grad():
+            for prefix, layer in layers.items():
+                a_name, b_name, bias_name = _factor_names(prefix, layer, self.adapter)
+                live_a, live_b, live_bias = _live_factors(layer, EXME_ADAPTER)
+                layer.scaling[EXME_ADAPTER] = 1.0
+                # B is the same for every candidate: the blocks side by side, written once.
+                live_b.copy_(torch.cat([point[b_name].to(live_b.device, torch.float32) for point in points], dim=1))
+                self._factors.append((layer.scaling[self.adapter], a_name, bias_name, live_a, live_bias))
+
+        # Dense trainable tensors: the exme adapter's own copies when they are per adapter, else the shared tensor.
+        parameters = dict(model.named_parameters())
+        self._dense, self._shared = {}, []
+        for name in base:
+            if name not in factor_names:
+                target = _rename_adapter(name, self.adapter, EXME_ADAPTER)
+                if target == name:  # a tensor all adapters share, such as a bias
+                    self._shared.append(name)
+                self._dense[name] = parameters[target].data
+        self._dense_points = [{name: point[name] for name in self._dense} for point in (base, sft1, sft2)]
+
+    def apply(self, c1: float, c2: float) -> None:
+        """Make the model compute `base + c1 * d1 + c2 * d2`."""
+        coefficients = (c1, c2, 1.0 - c1 - c2)[: len(self._points)]
+        with torch.no_grad():
+            for scaling, a_name, bias_name, live_a, live_bias in self._factors:
+                blocks = [
+                    point[a_name].to(live_a.device, torch.float32) * (c * scaling)
+                    for point, c in zip(self._points, coefficients)
+                ]
+                live_a.copy_(torch.cat(blocks, dim=0))
+                if live_bias is not None:
+                    biases = [
+                        p[bias_name].to(live_bias.device, torch.float32) * (c * scaling)
+                        for p, c in zip(self._points, coefficients)
+                    ]
+                    live_bias.copy_(torch.stack(biases).sum(0))
+            combine(*self._dense_points, c1, c2, out=self._dense)
+
+    def close(self, keep: bool = False) -> None:
+        """Restore the trained adapter (active, with its tensors and trainability) and remove `"exme"`.
+
+        With `keep=True` the `"exme"` adapter stays loaded and active (the shared dense tensors hold the chosen
+        candidate); the trained adapter stays loaded beside it.
+        """
+        if keep:
+            return
+        with torch.no_grad():
+            for name in self._shared:
+                self._dense[name].copy_(self.trained[name])
+        self.model.set_adapter(self.adapter)
+        self.model.delete_adapter(EXME_ADAPTER)
+        self._restore_requires_grad()
+
+    def save_adapter(self, folder: str) -> None:
+        """Save the current candidate as a PEFT adapter folder (rank `r1 + r2`, scaling 1)."""
+        staging = os.path.join(folder, ".adapter")
+        config = self.model.peft_config[EXME_ADAPTER]
+        config.bias = self.model.peft_config[self.adapter].bias  # so the candidate's biases are saved too
+        try:
+            self.model.save_pretrained(staging, selected_adapters=[EXME_ADAPTER])
+        finally:
+            config.bias = "none"
+        source = os.path.join(staging, EXME_ADAPTER)  # PEFT writes adapters other than "default" to a subfolder
+        for entry in os.listdir(source):
+            os.replace(os.path.join(source, entry), os.path.join(folder, entry))
+        shutil.rmtree(staging)
+
+    def save_merged(self, folder: str) -> None:
+        """Save the current candidate fused into the base weights, as a plain transformers model."""
+        base_model = self.model.get_base_model()
+        base_model.save_pretrained(folder, state_dict=merged_state_dict(self.model, EXME_ADAPTER))
+
+    def _restore_requires_grad(self) -> None:
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, False))
+
+
+def merged_state_dict(model, adapter: str) -> dict[str, torch.Tensor]:
+    """The state dict of `model`'s base model with `adapter` fused in, under the base model's own names."""
+    from peft.tuners.lora import LoraLayer
+
+    base_model = model.get_base_model()
+    deltas = {}
+    for prefix, layer in base_model.named_modules():
+        if isinstance(layer, LoraLayer) and (adapter in layer.lora_A or adapter in layer.lora_embedding_A):
+            with torch.no_grad():
+                deltas[f"{prefix}.base_layer.weight"] = layer.get_delta_weight(adapter)
+    merged = {}
+    for key, tensor in base_model.state_dict().items():
+        parts = key.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        if "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            if parts[i + 1] != adapter:
+                continue
+            parts = parts[:i] + parts[i + 2 :]
+        elif "original_module" in parts:
+            wrapper = ".".join(parts[: parts.index("original_module")])
+            if f"{wrapper}.modules_to_save.{adapter}.{parts[-1]}" in base_model.state_dict():
+                continue
+            parts.remove("original_module")
+        if key in deltas:
+            tensor = (tensor.float() + deltas[key].to(tensor.device, torch.float32)).to(tensor.dtype)
+        merged[".".join(p for p in parts if p != "base_layer")] = tensor
+    return merged
+
+
+def _block_config(config, blocks: int):
+    """The `"exme"` adapter's config: `blocks` times each module's rank, alpha equal to rank (scaling 1)."""
+    from dataclasses import replace
+
+    ranks = {key: blocks * r for key, r in config.rank_pattern.items()}
+    return replace(
+        config,
+        r=blocks * config.r,
+        lora_alpha=blocks * config.r,
+        rank_pattern=ranks,
+        alpha_pattern=dict(ranks),
+        use_rslora=False,
+        lora_dropout=0.0,
+        bias="none",  # PEFT allows one adapter with biases; the trained biases are shared tensors, written in place
+        init_lora_weights=True,  # an initialization that leaves the base weights alone (PiSSA, OLoRA change them)
+        inference_mode=True,
+    )
+
+
+def _factor_names(prefix: str, layer, adapter: str) -> tuple[str, str, str | None]:
+    """The names of a LoRA layer's A and B factors (and B's bias) in the model's parameter names."""
+    if adapter in layer.lora_embedding_A:
+        return f"{prefix}.lora_embedding_A.{adapter}", f"{prefix}.lora_embedding_B.{adapter}", None
+    bias = f"{prefix}.lora_B.{adapter}.bias" if layer.lora_B[adapter].bias is not None else None
+    return f"{prefix}.lora_A.{adapter}.weight", f"{prefix}.lora_B.{adapter}.weight", bias
+
+
+def _live_factors(layer, adapter: str):
+    if adapter in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter].data, layer.lora_embedding_B[adapter].data, None
+    bias = layer.lora_B[adapter].bias
+    return layer.lora_A[adapter].weight.data, layer.lora_B[adapter].weight.data, None if bias is None else bias.data
+
+
+def _rename_adapter(name: str, old: str, new: str) -> str:
+    return ".".join(new if part == old else part for part in name.split("."))

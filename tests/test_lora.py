@@ -1,0 +1,143 @@
+"""The LoRA plane: live logits equal a dense reference built independently with PEFT's `merge_and_unload`."""
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import make_llama, make_texts
+from torch.testing import assert_close
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from exme_callback.lora import LoraPlane, check_peft_model  # noqa: E402
+from exme_callback.snapshots import trainable_tensors  # noqa: E402
+
+CANDIDATES = [(1.0, 0.0), (0.0, 1.0), (1.3, 0.0), (0.0, 1.5), (0.36, 0.98), (0.0, 0.0)]
+
+
+def lora_model(seed=0, **config):
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1)
+    settings.update(config)
+    return get_peft_model(make_llama(seed, bias=True), LoraConfig(**settings))
+
+
+def checkpoint(model, seed):
+    """Trainable tensors as if trained: every trainable tensor moved randomly."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: t + 0.2 * torch.randn(t.shape, generator=g) for n, t in trainable_tensors(model).items()}
+
+
+def load(model, tensors):
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            dict(model.named_parameters())[name].copy_(tensor)
+
+
+def dense_weights(model, tensors):
+    """The plain model a PEFT model with `tensors` loaded is, through PEFT's own merge."""
+    twin = copy.deepcopy(model)
+    load(twin, tensors)
+    return twin.merge_and_unload().state_dict()
+
+
+def dense_reference(model, base, sft1, sft2, c1, c2):
+    w0, w1, w2 = (dense_weights(model, t) for t in (base, sft1, sft2))
+    reference = make_llama(bias=True)
+    reference.load_state_dict(
+        {
+            k: (
+                w0[k].double() + c1 * (w1[k].double() - w0[k].double()) + c2 * (w2[k].double() - w0[k].double())
+            ).float()
+            for k in w0
+        }
+    )
+    return reference.eval()
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(make_texts(4, seed=3), return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}},
+        {"modules_to_save": ["lm_head"], "bias": "lora_only"},
+        {"target_modules": ["embed_tokens", "q_proj"], "bias": "all"},
+        {"lora_bias": True},
+    ],
+    ids=["plain", "rslora-patterns", "modules_to_save-bias", "embedding-bias", "lora_bias"],
+)
+def test_candidates_equal_dense_reference(tokenizer, config):
+    model = lora_model(**config)
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
+    trained = checkpoint(model, 3)
+    load(model, trained)
+    before = logits(model, tokenizer)
+
+    plane = LoraPlane(model, base, sft1, sft2, trained)
+    assert model.active_adapter == "exme"
+    for c1, c2 in CANDIDATES:
+        plane.apply(c1, c2)
+        expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
+        assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
+
+    plane.close()
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == list(base)
+    assert torch.equal(logits(model, tokenizer), before)
+    for name, tensor in trainable_tensors(model).items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+def test_non_zero_starting_adapter_is_a_third_block(tokenizer):
+    model = lora_model(init_lora_weights="pissa")
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    assert any(torch.count_nonzero(t) for n, t in base.items() if "lora_B" in n)
+    sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
+    plane = LoraPlane(model, base, sft1, sft2, base)
+    assert model.peft_config["exme"].r == 3 * 4
+    for c1, c2 in [(0.0, 0.0), (0.36, 0.98), (1.5, 0.0)]:
+        plane.apply(c1, c2)
+        expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
+        assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
+    plane.close()
+
+
+def test_saved_adapter_and_merged_model_reload_to_the_same_logits(tmp_path, tokenizer):
+    model = lora_model(modules_to_save=["lm_head"])
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
+    plane = LoraPlane(model, base, sft1, sft2, base)
+    plane.apply(0.6, 0.55)
+    live = logits(model, tokenizer)
+    plane.save_adapter(str(tmp_path))
+    plane.save_merged(str(tmp_path / "merged"))
+    plane.close()
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "merged"} <= set(os.listdir(tmp_path))
+    assert not os.path.exists(tmp_path / ".adapter")
+    reloaded = PeftModel.from_pretrained(make_llama(bias=True), str(tmp_path))
+    assert reloaded.peft_config["default"].r == 8
+    assert_close(logits(reloaded, tokenizer), live, rtol=1e-5, atol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert_close(logits(merged, tokenizer), live, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_peft_set_ups_are_refused():
+    with pytest.raises(NotImplementedError, match="does not support DoRA yet"):
+        check_peft_model(lora_model(use_dora=True))
+    with pytest.raises(NotImplementedError, match="supports LoRA among PEFT methods, got IA3"):
+        check_peft_model(
+            get_peft_model(make_llama(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+        )
+    with pytest.raises(NotImplementedError, match="through `peft.PeftModel`"):
+        check_peft_model(make_llama())
