@@ -81,7 +81,8 @@ class ExMeCallback(TrainerCallback):
             trained weights. For LoRA runs the chosen model is an adapter named `"exme"`, left active.
         save_merged (`bool`, *optional*, defaults to `False`):
             LoRA runs: also save the chosen model fused into the base weights, in `<output_dir>/exme/merged`.
-            (The chosen adapter itself is always saved, as a PEFT adapter folder.)
+            The chosen adapter itself is always saved, as a PEFT adapter folder of rank `r1 + r2`. (DoRA runs are
+            merged on dense effective weights and always saved fused.)
         evaluate_base (`bool`, *optional*, defaults to `True`):
             Score the base model when training begins: it checks the metric before any training and adds the Base
             row to the report.
@@ -282,12 +283,15 @@ class ExMeCallback(TrainerCallback):
         processing_class = processing_class or getattr(self.trainer, "processing_class", None)
         with publish_dir(destination, write=main) as folder:
             if isinstance(plane, LoraPlane):
-                if main:
+                if main and plane.exact_adapter:
                     plane.save_adapter(folder)
                     self.report.saved = {"adapter": destination}
                     if self.save_merged:
                         plane.save_merged(os.path.join(folder, "merged"))
                         self.report.saved["merged"] = os.path.join(destination, "merged")
+                elif main:  # DoRA: the candidate is dense effective weights, saved fused
+                    plane.save_merged(folder)
+                    self.report.saved = {"model": destination}
             elif self.trainer is not None:
                 self.trainer.save_model(folder)  # gathers sharded weights; writes on the main process only
                 self.report.saved = {"model": destination}

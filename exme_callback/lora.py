@@ -15,6 +15,11 @@ the A and B factors of the checkpoints separately would not be this model (`(B1 
 When the starting adapter is not zero (PiSSA, OLoRA and other initializations that set `B != 0`), a third block
 with coefficient `1 - c1 - c2` carries it, so the candidate is still `base + c1 * d1 + c2 * d2` exactly.
 
+DoRA is not linear in its scale (it renormalizes the weight), so DoRA modules fall back to dense effective weights:
+`W_i` is the module's weight with checkpoint `i`'s adapter merged in (by PEFT), and the candidate weight
+`W_0 + c1 * (W_1 - W_0) + c2 * (W_2 - W_0)` is written into the base layer, which is restored afterwards. This
+keeps three dense copies of every DoRA-adapted weight in memory, and the result is saved as a fused model.
+
 Trainable tensors outside the adapter factors (`modules_to_save`, biases, trainable tokens) are dense deltas,
 combined as in full fine-tuning into the `"exme"` adapter's own copies (biases, which adapters share, in place).
 """
@@ -60,11 +65,6 @@ def check_peft_model(model: torch.nn.Module) -> None:
         )
     if getattr(config, "target_parameters", None):
         raise NotImplementedError("ExMeCallback does not support LoRA on `target_parameters`; use `target_modules`.")
-    if config.use_dora:
-        raise NotImplementedError(
-            "ExMeCallback does not support DoRA yet: its weight is not linear in the adapter's scale, so candidates "
-            "need dense effective weights. Use plain LoRA (`use_dora=False`)."
-        )
 
 
 class LoraPlane:
@@ -91,13 +91,28 @@ class LoraPlane:
             if isinstance(layer, LoraLayer)
             and (self.adapter in layer.lora_A or self.adapter in layer.lora_embedding_A)
         }
-        factor_names = {name for prefix in layers for name in _factor_names(prefix, layers[prefix], self.adapter)}
+        dora = {prefix: layer for prefix, layer in layers.items() if layer.use_dora.get(self.adapter, False)}
+        layers = {prefix: layer for prefix, layer in layers.items() if prefix not in dora}
+        factor_names = {
+            name for prefix, layer in {**layers, **dora}.items() for name in _factor_names(prefix, layer, self.adapter)
+        }
+        factor_names |= {f"{prefix}.lora_magnitude_vector.{self.adapter}.weight" for prefix in dora}
+        self.exact_adapter = not dora  # whether `save_adapter` can save the candidate as a LoRA adapter
 
         # The plane's points, per block: each checkpoint, and the starting adapter when it is not zero.
         points = [sft1, sft2]
         if any(torch.count_nonzero(base[_factor_names(p, m, self.adapter)[1]]) for p, m in layers.items()):
             points.append(base)
         self._points = points
+
+        # DoRA modules: dense effective weights of the three points, computed before anything else changes.
+        parameters = dict(model.named_parameters())
+        effective = [_effective_weights(dora, self.adapter, point, parameters) for point in (base, sft1, sft2)]
+        _load(parameters, trained)
+        self._originals = {
+            f"{prefix}.base_layer.weight": layer.get_base_layer().weight.detach().to("cpu", copy=True)
+            for prefix, layer in dora.items()
+        }
 
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.add_adapter(EXME_ADAPTER, _block_config(config, len(points)))
@@ -116,14 +131,18 @@ class LoraPlane:
 
         # Dense trainable tensors: the exme adapter's own copies when they are per adapter, else the shared tensor.
         parameters = dict(model.named_parameters())
-        self._dense, self._shared = {}, []
+        self._dense = {}
         for name in base:
             if name not in factor_names:
                 target = _rename_adapter(name, self.adapter, EXME_ADAPTER)
-                if target == name:  # a tensor all adapters share, such as a bias
-                    self._shared.append(name)
+                if target == name:  # a tensor all adapters share, such as a bias: restored by `close`
+                    self._originals[name] = trained[name]
                 self._dense[name] = parameters[target].data
         self._dense_points = [{name: point[name] for name in self._dense} for point in (base, sft1, sft2)]
+        for name in self._originals.keys() - self._dense.keys():  # DoRA weights
+            self._dense[name] = parameters[name].data
+            for points_i, effective_i in zip(self._dense_points, effective):
+                points_i[name] = effective_i[name]
 
     def apply(self, c1: float, c2: float) -> None:
         """Make the model compute `base + c1 * d1 + c2 * d2`."""
@@ -152,14 +171,16 @@ class LoraPlane:
         if keep:
             return
         with torch.no_grad():
-            for name in self._shared:
-                self._dense[name].copy_(self.trained[name])
+            for name, tensor in self._originals.items():
+                self._dense[name].copy_(tensor)
         self.model.set_adapter(self.adapter)
         self.model.delete_adapter(EXME_ADAPTER)
         self._restore_requires_grad()
 
     def save_adapter(self, folder: str) -> None:
         """Save the current candidate as a PEFT adapter folder (rank `r1 + r2`, scaling 1)."""
+        if not self.exact_adapter:
+            raise ValueError("A DoRA candidate is dense effective weights, not a LoRA adapter: use `save_merged`.")
         staging = os.path.join(folder, ".adapter")
         config = self.model.peft_config[EXME_ADAPTER]
         config.bias = self.model.peft_config[self.adapter].bias  # so the candidate's biases are saved too
@@ -225,11 +246,33 @@ def _block_config(config, blocks: int):
         rank_pattern=ranks,
         alpha_pattern=dict(ranks),
         use_rslora=False,
+        use_dora=False,
         lora_dropout=0.0,
         bias="none",  # PEFT allows one adapter with biases; the trained biases are shared tensors, written in place
         init_lora_weights=True,  # an initialization that leaves the base weights alone (PiSSA, OLoRA change them)
         inference_mode=True,
     )
+
+
+def _effective_weights(dora: dict, adapter: str, tensors: StateDict, parameters: dict) -> dict[str, torch.Tensor]:
+    """Each DoRA module's weight with `tensors` loaded into its adapter and merged by PEFT (on the CPU)."""
+    _load(parameters, tensors)
+    weights = {}
+    for prefix, layer in dora.items():
+        weight = layer.get_base_layer().weight
+        original = weight.detach().clone()
+        layer.merge(adapter_names=[adapter])
+        weights[f"{prefix}.base_layer.weight"] = weight.detach().to("cpu", copy=True)
+        layer.unmerge()
+        with torch.no_grad():
+            weight.copy_(original)  # bit for bit, whatever rounding the unmerge did
+    return weights
+
+
+def _load(parameters: dict, tensors: StateDict) -> None:
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
 
 
 def _factor_names(prefix: str, layer, adapter: str) -> tuple[str, str, str | None]:

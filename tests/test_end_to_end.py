@@ -151,3 +151,32 @@ def test_sft_trainer_lora(tmp_path, tokenizer):
         processing_class=AutoTokenizer.from_pretrained(tmp_path / "exme" / "merged"),
     )
     assert_close(evaluation.evaluate()["eval_loss"], report.final.score, rtol=1e-4, atol=1e-6)  # fused: rounding
+
+
+def test_trainer_dora_saves_a_fused_model(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    tokenize = lambda texts: Dataset.from_dict(dict(tokenizer(texts)))  # noqa: E731
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), **{**COMMON, "learning_rate": 2e-2}),
+        train_dataset=tokenize(make_texts(96, seed=0)),
+        eval_dataset=tokenize(make_texts(32, seed=1)),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    callback = Recorder(trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.report.saved == {"model": str(tmp_path / "exme")}
+    for name, tensor in trainable(trainer.model).items():
+        assert torch.equal(tensor, callback.before_sweep[name]), name
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path / "exme")
+    evaluation = Trainer(
+        model=fused,
+        args=TrainingArguments(output_dir=str(tmp_path / "check"), **COMMON),
+        eval_dataset=trainer.eval_dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    assert_close(evaluation.evaluate()["eval_loss"], callback.report.final.score, rtol=1e-4, atol=1e-6)

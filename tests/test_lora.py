@@ -132,9 +132,39 @@ def test_saved_adapter_and_merged_model_reload_to_the_same_logits(tmp_path, toke
     assert_close(logits(merged, tokenizer), live, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [{"use_dora": True}, {"use_dora": True, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}],
+    ids=["dora", "dora-mixed"],
+)
+def test_dora_candidates_are_dense_effective_weights(tmp_path, tokenizer, config):
+    model = lora_model(**config)
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    sft1, sft2, trained = checkpoint(model, 1), checkpoint(model, 2), checkpoint(model, 3)
+    load(model, trained)
+    before, weights_before = logits(model, tokenizer), {k: v.clone() for k, v in model.state_dict().items()}
+    plane = LoraPlane(model, base, sft1, sft2, trained)
+    assert not plane.exact_adapter
+    for c1, c2 in [(1.0, 0.0), (0.0, 1.0), (0.36, 0.98), (1.4, 0.0)]:
+        plane.apply(c1, c2)
+        expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
+        assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="use `save_merged`"):
+        plane.save_adapter(str(tmp_path))
+    plane.save_merged(str(tmp_path / "merged"))
+    assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), tokenizer),
+        logits(model, tokenizer),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    plane.close()
+    assert torch.equal(logits(model, tokenizer), before)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items())
+
+
 def test_unsupported_peft_set_ups_are_refused():
-    with pytest.raises(NotImplementedError, match="does not support DoRA yet"):
-        check_peft_model(lora_model(use_dora=True))
     with pytest.raises(NotImplementedError, match="supports LoRA among PEFT methods, got IA3"):
         check_peft_model(
             get_peft_model(make_llama(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
