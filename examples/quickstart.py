@@ -45,14 +45,8 @@ def make_split(n: int, seed: int) -> Dataset:
     return Dataset.from_list([make_example(rng) for _ in range(n)])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/quickstart", help="where the run and its exme/ folder go")
-    parser.add_argument("--steps", type=int, default=200, help="training steps")
-    parser.add_argument("--eval-steps", type=int, default=25, help="evaluate (and rank) a checkpoint every N steps")
-    args = parser.parse_args()
-
-    tokenizer = make_tokenizer()
+def make_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A small Llama (about 0.1M parameters) for `tokenizer`, initialized from a fixed seed."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -66,8 +60,19 @@ def main() -> None:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
+    return LlamaForCausalLM(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/quickstart", help="where the run and its exme/ folder go")
+    parser.add_argument("--steps", type=int, default=200, help="training steps")
+    parser.add_argument("--eval-steps", type=int, default=25, help="evaluate (and rank) a checkpoint every N steps")
+    args = parser.parse_args()
+
+    tokenizer = make_tokenizer()
     trainer = SFTTrainer(
-        model=LlamaForCausalLM(config),
+        model=make_model(tokenizer),
         args=SFTConfig(
             output_dir=args.output_dir,
             max_steps=args.steps,
