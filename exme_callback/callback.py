@@ -237,32 +237,38 @@ class ExMeCallback(TrainerCallback):
             progress.update()
             return candidate
 
+        report = Report(
+            metric=self.objective.name,
+            greater_is_better=self.objective.greater_is_better,
+            checkpoints=list(self._kept),
+            candidates=[],  # filled by the sweep as candidates are scored
+            final=None,
+            alphas=self.alphas,
+            betas=self.betas,
+            choose_from=self.choose_from,
+            base=self._base,
+        )
+        self.report = report
         try:
-            candidates = sweep(
+            sweep(
                 score,
                 self._kept,
                 self.alphas,
                 self.betas,
                 self.objective.greater_is_better,
                 rescore_checkpoints=not self._reuses_training_scores,
+                results=report.candidates,
             )
-            final = self._choose(candidates)
-            plane.apply(final.c1, final.c2)
-            self.report = Report(
-                metric=self.objective.name,
-                greater_is_better=self.objective.greater_is_better,
-                checkpoints=list(self._kept),
-                candidates=candidates,
-                final=final,
-                alphas=self.alphas,
-                betas=self.betas,
-                choose_from=self.choose_from,
-                base=self._base,
-            )
+            report.final = self._choose(report.candidates)
+            plane.apply(report.final.c1, report.final.c2)
             self._save(args, state, model, processing_class, plane)
+        except BaseException as error:
+            report.error = f"{type(error).__name__}: {error}"
+            self._save_failure(args, state)
+            raise
         finally:
             progress.close()
-            plane.close(keep=self.load_exme_at_end and self.report is not None)  # else the trained weights, exactly
+            plane.close(keep=self.load_exme_at_end and report.error is None)  # else the trained weights, exactly
         self._log_result()
 
     def _choose(self, candidates: list[Candidate]) -> Candidate:
@@ -278,6 +284,7 @@ class ExMeCallback(TrainerCallback):
         return final
 
     def _save(self, args, state, model, processing_class, plane) -> None:
+        """Write the chosen model, its tokenizer and the report to the output folder, atomically."""
         destination = os.path.abspath(self.output_dir or os.path.join(args.output_dir, "exme"))
         main = state.is_world_process_zero
         processing_class = processing_class or getattr(self.trainer, "processing_class", None)
@@ -303,6 +310,18 @@ class ExMeCallback(TrainerCallback):
                     if processing_class is not None:
                         processing_class.save_pretrained(subfolder.replace(destination, folder, 1))
                 self.report.write(folder)
+
+    def _save_failure(self, args, state) -> None:
+        """Write what the failed sweep evaluated, with the error, beside any earlier result (never over it)."""
+        if not state.is_world_process_zero:
+            return
+        destination = os.path.abspath(self.output_dir or os.path.join(args.output_dir, "exme")) + "-failed"
+        try:
+            with publish_dir(destination) as folder:
+                self.report.write(folder)
+            logger.error(f"ExMe: the sweep failed ({self.report.error}); what it evaluated is in {destination}.")
+        except Exception as error:  # a full disk, say: the original error matters more
+            logger.error(f"ExMe: the sweep failed ({self.report.error}) and its report could not be written: {error}")
 
     def _log_result(self) -> None:
         report = self.report

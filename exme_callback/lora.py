@@ -115,34 +115,45 @@ class LoraPlane:
         }
 
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._dense: dict[str, torch.Tensor] = {}  # live dense tensors, by their name in the snapshots
         model.add_adapter(EXME_ADAPTER, _block_config(config, len(points)))
-        model.set_adapter(EXME_ADAPTER)
-        self._restore_requires_grad()
+        try:
+            model.set_adapter(EXME_ADAPTER)
+            self._restore_requires_grad()
+            self._factors = self._write_b_blocks(layers)
+            self._dense_points = self._match_dense(factor_names, base, sft1, sft2, trained, effective)
+        except BaseException:
+            self.close()
+            raise
 
-        self._factors = []  # (trained scaling, A name, B-bias name or None, live A, live B bias or None)
+    def _write_b_blocks(self, layers: dict) -> list[tuple]:
+        """Write the `"exme"` B factors (the same for every candidate: the blocks side by side) once."""
+        factors = []  # (trained scaling, A name, B-bias name or None, live A, live B bias or None)
         with torch.no_grad():
             for prefix, layer in layers.items():
                 a_name, b_name, bias_name = _factor_names(prefix, layer, self.adapter)
                 live_a, live_b, live_bias = _live_factors(layer, EXME_ADAPTER)
                 layer.scaling[EXME_ADAPTER] = 1.0
-                # B is the same for every candidate: the blocks side by side, written once.
-                live_b.copy_(torch.cat([point[b_name].to(live_b.device, torch.float32) for point in points], dim=1))
-                self._factors.append((layer.scaling[self.adapter], a_name, bias_name, live_a, live_bias))
+                live_b.copy_(torch.cat([p[b_name].to(live_b.device, torch.float32) for p in self._points], dim=1))
+                factors.append((layer.scaling[self.adapter], a_name, bias_name, live_a, live_bias))
+        return factors
 
-        # Dense trainable tensors: the exme adapter's own copies when they are per adapter, else the shared tensor.
-        parameters = dict(model.named_parameters())
-        self._dense = {}
+    def _match_dense(self, factor_names, base, sft1, sft2, trained, effective) -> list[dict[str, torch.Tensor]]:
+        """Find the live tensor of every dense entry; return the dense parts of the plane's three points."""
+        parameters = dict(self.model.named_parameters())
         for name in base:
             if name not in factor_names:
+                # The exme adapter's own copy when the tensor is per adapter, else the shared tensor (a bias).
                 target = _rename_adapter(name, self.adapter, EXME_ADAPTER)
-                if target == name:  # a tensor all adapters share, such as a bias: restored by `close`
+                if target == name:
                     self._originals[name] = trained[name]
                 self._dense[name] = parameters[target].data
-        self._dense_points = [{name: point[name] for name in self._dense} for point in (base, sft1, sft2)]
-        for name in self._originals.keys() - self._dense.keys():  # DoRA weights
+        points = [{name: point[name] for name in self._dense} for point in (base, sft1, sft2)]
+        for name in self._originals.keys() - self._dense.keys():  # DoRA weights, written into the base layer
             self._dense[name] = parameters[name].data
-            for points_i, effective_i in zip(self._dense_points, effective):
-                points_i[name] = effective_i[name]
+            for point, effective_weights in zip(points, effective):
+                point[name] = effective_weights[name]
+        return points
 
     def apply(self, c1: float, c2: float) -> None:
         """Make the model compute `base + c1 * d1 + c2 * d2`."""
@@ -172,7 +183,8 @@ class LoraPlane:
             return
         with torch.no_grad():
             for name, tensor in self._originals.items():
-                self._dense[name].copy_(tensor)
+                if name in self._dense:  # absent only when `__init__` failed before writing it
+                    self._dense[name].copy_(tensor)
         self.model.set_adapter(self.adapter)
         self.model.delete_adapter(EXME_ADAPTER)
         self._restore_requires_grad()

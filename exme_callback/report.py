@@ -27,12 +27,13 @@ class Report:
     greater_is_better: bool
     checkpoints: list[Checkpoint]
     candidates: list[Candidate]
-    final: Candidate
+    final: Candidate | None  # None when the sweep failed before choosing
     alphas: Sequence[float]
     betas: Sequence[float]
     choose_from: str
     base: Candidate | None = None
     saved: dict[str, str] = field(default_factory=dict)
+    error: str | None = None  # why the sweep stopped, when it failed
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -51,7 +52,9 @@ class Report:
             rows.append((f"SFT-{i + 1}", next((c for c in on_i if c.kind == "sft"), None)))
             rows.append((f"EXPO-{i + 1}", best(on_i, gib, kinds=("expo",))))
         rows.sort(key=lambda row: row[0].startswith("EXPO"))  # SFT rows first, like the paper's tables
-        rows += [("ExMe", self.best_exme), (f"Chosen ({self.final.kind})", self.final)]
+        rows.append(("ExMe", self.best_exme))
+        if self.final is not None:
+            rows.append((f"Chosen ({self.final.kind})", self.final))
         return [(label, c) for label, c in rows if c is not None]
 
     def to_dict(self) -> dict:
@@ -65,8 +68,9 @@ class Report:
             "checkpoints": [{"step": c.step, "score": c.score} for c in self.checkpoints],
             "candidates": [c.to_dict() for c in self.candidates],
             "best_exme": None if self.best_exme is None else self.best_exme.to_dict(),
-            "final": self.final.to_dict(),
+            "final": None if self.final is None else self.final.to_dict(),
             "saved": dict(self.saved),
+            "error": self.error,
         }
 
     def to_markdown(self) -> str:
@@ -78,6 +82,11 @@ class Report:
             "",
             f"Selection score: `{self.metric}` ({arrow} is better). Gain: against the best SFT checkpoint.",
             "",
+            *(
+                [f"**The sweep failed** after {len(self.candidates)} candidates: {self.error}", ""]
+                if self.error
+                else []
+            ),
             "| model | step(s) | hyper-parameters | c1 | c2 | score | gain |",
             "|---|---|---|---:|---:|---:|---:|",
         ]

@@ -120,6 +120,7 @@ def sweep(
     betas: Sequence[float] = DEFAULT_BETAS,
     greater_is_better: bool = False,
     rescore_checkpoints: bool = False,
+    results: list[Candidate] | None = None,
 ) -> list[Candidate]:
     """Run the ExMe search and return every candidate in the order evaluated.
 
@@ -132,6 +133,8 @@ def sweep(
         greater_is_better (`bool`): the direction of the score.
         rescore_checkpoints (`bool`): evaluate the SFT checkpoints again instead of reusing their training scores
             (when the sweep's evaluator is not the one that scored them during training).
+        results (`list[Candidate]`, *optional*): the list to append candidates to as they are scored (and to
+            return), so that a caller still has the finished part when scoring raises.
 
     Returns:
         `list[Candidate]`: SFT, then EXPO, then ExMe candidates. With one checkpoint there is no ExMe step.
@@ -139,7 +142,7 @@ def sweep(
     if len(checkpoints) not in (1, 2):
         raise ValueError(f"The sweep needs one or two checkpoints, got {len(checkpoints)}.")
     steps = [c.step for c in checkpoints]
-    results: list[Candidate] = []
+    results = [] if results is None else results
 
     def point(i: int, scale: float, **fields) -> Candidate:
         c = (scale, 0.0) if i == 0 else (0.0, scale)
@@ -157,9 +160,10 @@ def sweep(
     # 2. EXPO: each checkpoint's best alpha (0, the checkpoint itself, when no alpha scores a finite number).
     best_alphas = []
     for i in range(len(checkpoints)):
-        tried = [score(point(i, 1.0 + alpha, kind="expo", **{f"alpha{i + 1}": alpha})) for alpha in alphas]
-        results.extend(tried)
-        winner = best(tried, greater_is_better)
+        first = len(results)
+        for alpha in alphas:
+            results.append(score(point(i, 1.0 + alpha, kind="expo", **{f"alpha{i + 1}": alpha})))
+        winner = best(results[first:], greater_is_better)
         best_alphas.append(0.0 if winner is None else (winner.alpha1 if i == 0 else winner.alpha2))
 
     # 3. ExMe: merges of the two EXPO models.

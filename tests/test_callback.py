@@ -282,3 +282,69 @@ def test_plain_callback_list_with_evaluator(tmp_path, regression):
     assert callback.report.final.score == max(c.score for c in callback.report.candidates)
     assert os.path.exists(tmp_path / "exme" / "exme_report.json")
     assert os.path.exists(tmp_path / "exme" / "model.safetensors")
+
+
+class FailingEvaluator(RecordingEvaluator):
+    """Raises `error` at its `fail_at`-th call (the base and checkpoints count too)."""
+
+    def __init__(self, fail_at, error):
+        super().__init__()
+        self.fail_at, self.error = fail_at, error
+
+    def __call__(self, model):
+        if len(self.seen) + 1 == self.fail_at:
+            raise self.error
+        return super().__call__(model)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("evaluator broke"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failure_during_the_sweep_restores_weights_and_reports(tmp_path, regression, error):
+    earlier = tmp_path / "exme"
+    earlier.mkdir()
+    (earlier / "exme_report.json").write_text('{"earlier": true}')
+    evaluator = FailingEvaluator(fail_at=1 + 4 + 2 + 3, error=error)  # base, checkpoints, SFT rows, 3rd EXPO
+    model = regression[0]
+    trainer_holder = {}
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            trainer_holder["trained"] = weights(model)
+
+    with pytest.raises(type(error)):
+        model_, train_data, eval_data = regression
+        trainer = Trainer(
+            model=model,
+            args=regression_args(tmp_path),
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            callbacks=[Capture()],
+        )
+        trainer.add_callback(ExMeCallback(trainer, evaluator=evaluator, metrics={"closeness": "max"}))
+        trainer.train()
+
+    assert torch.equal(weights(model), trainer_holder["trained"])
+    assert json.loads((earlier / "exme_report.json").read_text()) == {"earlier": True}  # untouched
+    failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
+    assert failed["error"].startswith(type(error).__name__) and failed["final"] is None
+    assert [c["kind"] for c in failed["candidates"]] == ["sft", "sft", "expo", "expo"]
+    assert "The sweep failed" in (tmp_path / "exme-failed" / "exme_report.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["exme", "exme-failed"]
+
+
+def test_full_disk_while_saving_keeps_earlier_result(tmp_path, regression, monkeypatch):
+    earlier = tmp_path / "exme"
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_text("earlier")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_model", full_disk)
+    model = regression[0]
+    with pytest.raises(OSError, match="No space left"):
+        trainer, _ = train(tmp_path, regression)
+    assert (earlier / "model.safetensors").read_text() == "earlier"
+    assert not os.path.exists(tmp_path / "exme.incomplete")
+    failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
+    assert len(failed["candidates"]) == 21 and failed["final"] is not None
+    assert model.a.requires_grad  # the model is usable again: trained weights are back (checked above for errors)
