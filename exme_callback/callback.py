@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arithmetic import DensePlane
 from .evaluators import Evaluator, Objective, TrainerEvaluator, muted, numeric_metrics
@@ -32,6 +35,7 @@ __all__ = ["ExMeCallback"]
 logger = logging.getLogger(__name__)
 
 CHOOSE_FROM = ("all", "exme")
+STATE_DIR, STATE_FILE = "exme", "exme_state.json"  # the callback's state inside each checkpoint folder
 
 
 class ExMeCallback(TrainerCallback):
@@ -157,11 +161,14 @@ class ExMeCallback(TrainerCallback):
         if self.objective is None:
             self.objective = Objective.from_spec(None, args.metric_for_best_model, args.greater_is_better)
         self._store = SnapshotStore(self.storage, os.path.join(args.output_dir, "exme-snapshots"))
-        self._store.save("base", trainable_tensors(model))
         self._kept, self._base, self.report = [], None, None
-        # With `eval_on_start`, the trainer's step-0 evaluation scores the base (see `on_evaluate`).
-        if self.evaluate_base and not (self._reuses_training_scores and args.eval_on_start):
-            self._base = self._score(model, Candidate("base", 0.0, 0.0))
+        if state.global_step > 0:  # resumed: the base and the kept checkpoints come from the checkpoint folder
+            self._load_state(args, state)
+        else:
+            self._store.save("base", trainable_tensors(model))
+            # With `eval_on_start`, the trainer's step-0 evaluation scores the base (see `on_evaluate`).
+            if self.evaluate_base and not (self._reuses_training_scores and args.eval_on_start):
+                self._base = self._score(model, Candidate("base", 0.0, 0.0))
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -192,6 +199,23 @@ class ExMeCallback(TrainerCallback):
         for dropped in kept[2:]:
             self._store.delete(f"step-{dropped.step}")
         self._kept = kept[:2]
+
+    def on_save(self, args, state, control, **kwargs):
+        """Write the callback's state into the new checkpoint, so a resumed run ends with the same result."""
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not (self._training and state.is_world_process_zero and os.path.isdir(folder)):
+            return
+        folder = os.path.join(folder, STATE_DIR)
+        for key in ["base", *(f"step-{c.step}" for c in self._kept)]:
+            self._store.export(key, folder)
+        saved = {
+            "metric": self.objective.name,
+            "kept": [asdict(c) for c in self._kept],
+            "base": None if self._base is None else self._base.to_dict(),
+        }
+        with open(os.path.join(folder, STATE_FILE + ".tmp"), "w") as f:
+            json.dump(saved, f, indent=2)
+        os.replace(os.path.join(folder, STATE_FILE + ".tmp"), os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not self._training:
@@ -369,6 +393,31 @@ class ExMeCallback(TrainerCallback):
         except KeyError as error:
             raise KeyError(f"ExMeCallback: {error.args[0]}") from None
 
+    def _load_state(self, args, state) -> None:
+        """Take the kept state back from the checkpoint training resumes from."""
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        places = [os.path.join(args.output_dir, name)]
+        if args.resume_from_checkpoint and os.path.basename(os.path.normpath(args.resume_from_checkpoint)) == name:
+            places.insert(0, args.resume_from_checkpoint)
+        folder = next((os.path.join(p, STATE_DIR) for p in places if os.path.isdir(os.path.join(p, STATE_DIR))), None)
+        if folder is None:
+            raise FileNotFoundError(
+                f"Training resumes from step {state.global_step}, but {places[-1]} has no ExMe state ({STATE_DIR}/): "
+                "the base model's weights are not there. Resume from a checkpoint saved with ExMeCallback, or start "
+                "the run from the beginning."
+            )
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            saved = json.load(f)
+        if saved["metric"] != self.objective.name:
+            raise ValueError(
+                f"The checkpoint's ExMe state ranks checkpoints by {saved['metric']!r}, but this run uses "
+                f"{self.objective.name!r}. Resume with the same `metrics` / `metric_for_best_model`."
+            )
+        self._kept = [Checkpoint(**c) for c in saved["kept"]]
+        self._base = None if saved["base"] is None else Candidate(**saved["base"])
+        for key in ["base", *(f"step-{c.step}" for c in self._kept)]:
+            self._store.import_(key, folder)
+
     def _check_run(self, args, state, model) -> None:
         if args.eval_strategy == "no":
             raise ValueError(
@@ -386,8 +435,3 @@ class ExMeCallback(TrainerCallback):
             check_peft_model(model)
         if not trainable_tensors(model):
             raise ValueError("ExMeCallback found no trainable parameters in the model: nothing to extrapolate.")
-        if state.global_step > 0:
-            raise NotImplementedError(
-                "ExMeCallback cannot resume from a checkpoint yet: the base model's weights are not in it. Start "
-                "the run from the beginning."
-            )

@@ -46,6 +46,7 @@ class SnapshotStore:
         self.directory = None if directory is None else os.fspath(directory)
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         self._files: dict[str, dict[str, str]] = {}  # key -> tensor name -> shard path
+        self._exported: dict[str, dict[str, str]] = {}  # files written for `export` of in-memory snapshots
 
     def __contains__(self, key: str) -> bool:
         return key in self._memory or key in self._files
@@ -71,7 +72,7 @@ class SnapshotStore:
 
     def delete(self, key: str) -> None:
         self._memory.pop(key, None)
-        for path in set(self._files.pop(key, {}).values()):
+        for path in {*self._files.pop(key, {}).values(), *self._exported.pop(key, {}).values()}:
             os.remove(path)
 
     def nbytes(self) -> int:
@@ -79,8 +80,45 @@ class SnapshotStore:
         in_memory = sum(t.numel() * t.element_size() for s in self._memory.values() for t in s.values())
         return in_memory + sum(os.path.getsize(p) for s in self._files.values() for p in set(s.values()))
 
+    def export(self, key: str, directory: str) -> None:
+        """Put snapshot `key` into `directory` as safetensors files (`{key}-00000.safetensors`, ...).
+
+        The files are written once, to the store's own directory, then hard-linked (copied where links are not
+        possible), so exporting the same snapshot into many checkpoint folders costs its bytes once.
+        """
+        if key in self._memory and key not in self._exported:
+            if self.directory is None:
+                raise ValueError("Exporting a snapshot needs the store's `directory`.")
+            self._exported[key] = self._write(key, self._memory[key])
+        index = self._exported[key] if key in self._memory else self._files[key]
+        os.makedirs(directory, exist_ok=True)
+        for path in set(index.values()):
+            _link_or_copy(path, os.path.join(directory, os.path.basename(path)))
+
+    def import_(self, key: str, directory: str) -> None:
+        """Take snapshot `key` from files written by `export` (the files are linked, never moved)."""
+        paths = sorted(
+            os.path.join(directory, name)
+            for name in os.listdir(directory)
+            if name.startswith(f"{key}-") and name.endswith(".safetensors")
+        )
+        if not paths:
+            raise FileNotFoundError(f"No snapshot {key!r} in {directory}")
+        index = {}
+        for path in paths:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                index.update(dict.fromkeys(f.keys(), path))
+        if self.storage == "cpu":
+            self.save(key, _SafetensorsMapping(index))
+        else:
+            self.delete(key)
+            os.makedirs(self.directory, exist_ok=True)
+            for path in paths:
+                _link_or_copy(path, os.path.join(self.directory, os.path.basename(path)))
+            self._files[key] = {name: os.path.join(self.directory, os.path.basename(p)) for name, p in index.items()}
+
     def clear(self) -> None:
-        for key in self.keys():
+        for key in {*self.keys(), *self._exported}:
             self.delete(key)
         if self.directory is not None and os.path.isdir(self.directory) and not os.listdir(self.directory):
             shutil.rmtree(self.directory)
@@ -107,6 +145,15 @@ class SnapshotStore:
         if shard or not index:
             flush()
         return index
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    if os.path.exists(destination):
+        os.remove(destination)
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(source, destination)
 
 
 class _SafetensorsMapping(Mapping[str, torch.Tensor]):

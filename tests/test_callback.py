@@ -348,3 +348,59 @@ def test_full_disk_while_saving_keeps_earlier_result(tmp_path, regression, monke
     failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
     assert len(failed["candidates"]) == 21 and failed["final"] is not None
     assert model.a.requires_grad  # the model is usable again: trained weights are back (checked above for errors)
+
+
+class Crash(TrainerCallback):
+    """Stops the process the hard way (no `on_train_end`) once training passes `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise SystemExit("crashed")
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, storage):
+    def run(output_dir, crash_at=None, resume=False):
+        model = RegressionModel(RegressionModel.config_class())
+        args = regression_args(output_dir, save_strategy="steps", save_steps=8)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=RegressionDataset(64, 0),
+            eval_dataset=RegressionDataset(32, 1),
+            callbacks=[Crash(crash_at)] if crash_at else [],
+        )
+        callback = ExMeCallback(trainer, storage=storage)
+        trainer.add_callback(callback)
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    uninterrupted = run(tmp_path / "a")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "b", crash_at=20)  # after checkpoint-16, before checkpoint-24
+    assert os.path.exists(tmp_path / "b" / "checkpoint-16" / "exme" / "exme_state.json")
+    resumed = run(tmp_path / "b", resume=True)
+
+    assert [c.to_dict() for c in resumed.report.candidates] == [c.to_dict() for c in uninterrupted.report.candidates]
+    assert resumed.report.base.score == uninterrupted.report.base.score
+    a = RegressionModel.from_pretrained(tmp_path / "a" / "exme")
+    b = RegressionModel.from_pretrained(tmp_path / "b" / "exme")
+    assert torch.equal(weights(a), weights(b))
+
+
+def test_resuming_without_exme_state_is_refused(tmp_path, regression):
+    model, train_data, eval_data = regression
+    args = regression_args(tmp_path, save_strategy="steps", save_steps=8, max_steps=8)
+    Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data).train()
+    trainer = Trainer(
+        model=model,
+        args=regression_args(tmp_path, save_strategy="steps", save_steps=8),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+    )
+    trainer.add_callback(ExMeCallback(trainer))
+    with pytest.raises(FileNotFoundError, match="checkpoint-8 has no ExMe state"):
+        trainer.train(resume_from_checkpoint=True)
