@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
@@ -143,6 +144,8 @@ class ExMeCallback(TrainerCallback):
         self.betas = validate_grid("betas", betas, low=0.0, high=1.0)
         self.choose_from = choose_from
         self.storage = storage
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise TypeError(f"`output_dir` must be a path (str or os.PathLike), got {output_dir!r}")
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end = load_exme_at_end
         self.save_merged = save_merged
@@ -431,7 +434,53 @@ class ExMeCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
-        if is_peft_model(model):
+        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+            raise NotImplementedError(
+                "ExMeCallback does not support FSDP yet (its kept tensors would be shards). Supported: one process, "
+                "or DDP (`torchrun`/`accelerate launch` without FSDP or DeepSpeed)."
+            )
+        if getattr(self.trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
+            raise NotImplementedError(
+                "ExMeCallback does not support DeepSpeed yet (ZeRO partitions the weights it blends). Supported: one "
+                "process, or DDP (`torchrun`/`accelerate launch` without FSDP or DeepSpeed)."
+            )
+        peft = is_peft_model(model)
+        if peft:
             check_peft_model(model)
+        if _is_quantized(model) and (not peft or self.save_merged):
+            raise NotImplementedError(
+                "ExMeCallback cannot blend quantized weights (int8/4-bit): their values are codes, not numbers to "
+                "extrapolate. Fine-tune a LoRA adapter on the quantized model (QLoRA) without `save_merged`, or "
+                "load the model unquantized."
+            )
         if not trainable_tensors(model):
-            raise ValueError("ExMeCallback found no trainable parameters in the model: nothing to extrapolate.")
+            raise ValueError(
+                "ExMeCallback found no trainable parameters in the model (all have `requires_grad=False`): nothing "
+                "to extrapolate."
+            )
+        if state.is_world_process_zero:
+            self._check_writable(os.path.abspath(self.output_dir or os.path.join(args.output_dir, "exme")))
+
+    @staticmethod
+    def _check_writable(destination: str) -> None:
+        """Fail before training, not after it, when the result could not be written."""
+        parent = os.path.dirname(destination)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as error:
+            raise OSError(
+                f"ExMeCallback writes its result to {destination}, but {parent} is not writable ({error}). Set "
+                "`output_dir` (of the callback or of the training arguments) to a writable folder."
+            ) from error
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    """Whether the model holds quantized weights (bitsandbytes, GPTQ, AWQ, ... through transformers)."""
+    for module in (model, getattr(model, "get_base_model", lambda: None)()):
+        if module is not None and (
+            getattr(module, "is_quantized", False) or getattr(module, "is_loaded_in_4bit", False)
+        ):
+            return True
+    return any(not p.is_floating_point() for p in model.parameters())

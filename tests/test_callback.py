@@ -404,3 +404,53 @@ def test_resuming_without_exme_state_is_refused(tmp_path, regression):
     trainer.add_callback(ExMeCallback(trainer))
     with pytest.raises(FileNotFoundError, match="checkpoint-8 has no ExMe state"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_bad_output_dir_type_and_unwritable_output_are_refused_before_training(tmp_path, regression):
+    with pytest.raises(TypeError, match="`output_dir` must be a path"):
+        ExMeCallback(evaluator=lambda m: {}, output_dir=3)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    model = regression[0]
+    before = weights(model)
+    with pytest.raises(OSError, match="is not writable .* Set `output_dir`"):
+        train(tmp_path / "run", regression, {"output_dir": blocker / "exme"})
+    assert torch.equal(weights(model), before)
+
+
+def test_no_trainable_parameters_is_refused(tmp_path, regression):
+    regression[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(tmp_path, regression)
+
+
+def test_quantized_models_are_refused(tmp_path, regression):
+    model, train_data, eval_data = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data)
+    callback = ExMeCallback(trainer)
+    model.is_quantized = True  # as transformers marks a bitsandbytes/GPTQ model
+    with pytest.raises(NotImplementedError, match="cannot blend quantized weights"):
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+
+
+def test_deepspeed_and_fsdp_are_refused(tmp_path, regression):
+    model, train_data, eval_data = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data)
+    callback = ExMeCallback(trainer)
+    trainer.args.deepspeed = "ds_config.json"  # as if launched with DeepSpeed; checked before anything runs
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeed yet"):
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    trainer.args.deepspeed, trainer.args.fsdp = None, ["full_shard"]
+    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+
+
+def test_frozen_tied_parameters_and_buffers_are_left_as_trained(tmp_path, regression):
+    """Only trainable tensors are on the plane: a frozen parameter and a buffer keep their trained values."""
+    model = regression[0]
+    model.b.requires_grad_(False)
+    model.register_buffer("calls", torch.zeros(()))
+    evaluator = RecordingEvaluator()
+    trainer, callback = train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator)
+    assert {c.c1 for c in callback.report.candidates} > {0.0, 1.0}
+    assert all(w[1] == 0.0 for w in evaluator.seen)  # b never moved: frozen in training and in the sweep
