@@ -132,3 +132,38 @@ def test_combine_tensor_computes_on_the_device_of_out():
     out = torch.empty(3, dtype=torch.float16)
     assert combine_tensor(b, t, t, 1.5, 0.0, out=out) is out
     assert torch.equal(out, torch.full((3,), 1.5, dtype=torch.float16))
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 5), max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    out_dtype=st.sampled_from([None, *DTYPES]),
+    c1=st.floats(-3, 3, allow_nan=False),
+    c2=st.floats(-3, 3, allow_nan=False),
+    seed=st.integers(0, 2**16),
+)
+def test_combine_property_against_float64(shape, dtype, out_dtype, c1, c2, seed):
+    """For any shape, dtype and coefficients: within one rounding of the wide sum of the float64 closed form."""
+    g = torch.Generator().manual_seed(seed)
+    base, sft1, sft2 = ({"t": (torch.randn(shape, generator=g) * 4).to(dtype)} for _ in range(3))
+    out = None if out_dtype is None else {"t": torch.empty(shape, dtype=out_dtype)}
+    result = combine(base, sft1, sft2, c1, c2, out=out)["t"]
+    target = dtype if out_dtype is None else out_dtype
+    assert result.dtype == target and result.shape == torch.Size(shape)
+
+    b, t1, t2 = base["t"].double(), sft1["t"].double(), sft2["t"].double()
+    reference = b + c1 * (t1 - b) + c2 * (t2 - b)
+    wide = torch.float64 if torch.float64 in (dtype, target) else torch.float32
+    # One rounding to the target dtype, plus the wide dtype's error on the terms' magnitudes.
+    magnitude = b.abs() + abs(c1) * (t1 - b).abs() + abs(c2) * (t2 - b).abs()
+    bound = torch.finfo(target).eps * reference.abs() + 4 * torch.finfo(wide).eps * magnitude
+    bound += torch.finfo(target).tiny
+    assert torch.all((result.double() - reference).abs() <= bound)
