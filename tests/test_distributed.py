@@ -1,0 +1,60 @@
+"""DDP on the CPU (gloo): two processes end with the same ExMe model as one process, and only rank 0 writes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import RegressionModel
+from torch.testing import assert_close
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "_ddp_run.py")
+
+
+def launch(command, output_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output_dir / "exme" / "exme_report.json") as f:
+        return json.load(f)
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    single = launch([sys.executable, SCRIPT, str(tmp_path / "one"), "8"], tmp_path / "one")
+    ddp = launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            SCRIPT,
+            str(tmp_path / "ddp"),
+            "4",
+        ],
+        tmp_path / "ddp",
+    )
+    # Rank 0 alone wrote the result; every rank holds the same restored weights.
+    assert (tmp_path / "ddp" / "writes.txt").read_text() == "0\n"
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"weights-rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0, rank1)
+    assert_close(rank0, torch.load(tmp_path / "one" / "weights-rank0.pt"), rtol=1e-5, atol=1e-6)
+
+    # The same sweep and the same final model as one process (up to the reduction order of the gradients).
+    assert [c["step"] for c in ddp["checkpoints"]] == [c["step"] for c in single["checkpoints"]]
+    assert [(c["kind"], c["c1"], c["c2"]) for c in ddp["candidates"]] == [
+        (c["kind"], c["c1"], c["c2"]) for c in single["candidates"]
+    ]
+    assert_close(
+        [c["score"] for c in ddp["candidates"]], [c["score"] for c in single["candidates"]], rtol=1e-4, atol=1e-6
+    )
+    assert (ddp["final"]["c1"], ddp["final"]["c2"]) == (single["final"]["c1"], single["final"]["c2"])
+    a = RegressionModel.from_pretrained(tmp_path / "ddp" / "exme")
+    b = RegressionModel.from_pretrained(tmp_path / "one" / "exme")
+    assert_close(torch.stack([a.a, a.b]).detach(), torch.stack([b.a, b.b]).detach(), rtol=1e-5, atol=1e-6)
