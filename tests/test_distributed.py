@@ -30,10 +30,9 @@ def test_ddp_two_processes_match_one(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port of its own
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29533",
             SCRIPT,
             str(tmp_path / "ddp"),
             "4",
