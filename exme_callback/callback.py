@@ -249,8 +249,10 @@ class ExMeCallback(TrainerCallback):
         base, trained = store.load("base"), store.load("trained")
         sft = [store.load(f"step-{s}") for s in steps]
         sft2 = sft[-1]  # with one checkpoint c2 is always 0, so the second task vector is never read
-        plane_type = LoraPlane if is_peft_model(model) else DensePlane
-        plane = plane_type(model if plane_type is LoraPlane else live, base, sft[0], sft2, trained)
+        if is_peft_model(model):
+            plane = LoraPlane(model, base, sft[0], sft2, trained)
+        else:
+            plane = DensePlane(live, base, sft[0], sft2, trained)
 
         progress = tqdm(
             total=count_candidates(len(steps), self.alphas, self.betas, not self._reuses_training_scores),
