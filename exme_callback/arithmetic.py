@@ -21,11 +21,11 @@ This module only knows tensors: no `transformers`, no models. State dicts are an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 import torch
 
-__all__ = ["DensePlane", "combine", "combine_tensor", "extrapolate", "interpolate"]
+__all__ = ["DensePlane", "combine", "combine_tensor", "extrapolate", "interpolate", "merge_task_vectors"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -150,6 +150,30 @@ def interpolate(model1: StateDict, model2: StateDict, weight: float, out=None) -
     return combine(model1, model1, model2, 0.0, 1.0 - weight, out=out)
 
 
+def merge_task_vectors(
+    base: StateDict,
+    sft1: StateDict,
+    sft2: StateDict,
+    merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    out: MutableMapping[str, torch.Tensor],
+) -> None:
+    """`out[name] = base[name] + merge(d1, d2)` with `d_i = sft_i[name] - base[name]`, for merges off the plane.
+
+    Used for TIES and DARE (for example `lambda d1, d2: peft.utils.merge_utils.ties([d1, d2], weights, density)`).
+    Computed like `combine`: in float32 (float64 for float64 tensors) on `out`'s device, rounded once; non-floating
+    tensors are copied from `sft1`.
+    """
+    for name, b in base.items():
+        target = _lookup(out, "out", name)
+        if not b.is_floating_point():
+            target.copy_(sft1[name])
+            continue
+        wide = torch.float64 if b.dtype == torch.float64 else torch.float32
+        b = b.to(device=target.device, dtype=wide)
+        d1, d2 = (t[name].to(device=target.device, dtype=wide) - b for t in (sft1, sft2))
+        target.copy_(b + merge(d1, d2))
+
+
 def _lookup(tensors: StateDict | None, label: str, name: str) -> torch.Tensor:
     try:
         return tensors[name]
@@ -176,6 +200,10 @@ class DensePlane:
 
     def apply(self, c1: float, c2: float) -> None:
         combine(self.base, self.sft1, self.sft2, c1, c2, out=self.live)
+
+    def apply_merge(self, merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Set every live tensor to `base + merge(d1, d2)` (see `merge_task_vectors`)."""
+        merge_task_vectors(self.base, self.sft1, self.sft2, merge, out=self.live)
 
     def close(self, keep: bool = False) -> None:
         if not keep:

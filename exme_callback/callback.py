@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,18 +16,21 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arithmetic import DensePlane
-from .evaluators import Evaluator, Objective, TrainerEvaluator, muted, numeric_metrics
+from .evaluators import Evaluator, LMEvalEvaluator, Objective, TrainerEvaluator, muted, numeric_metrics, preserved_rng
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
 from .search import (
     DEFAULT_ALPHAS,
     DEFAULT_BETAS,
+    DEFAULT_DENSITIES,
+    OFF_PLANE,
     Candidate,
     Checkpoint,
     best,
     count_candidates,
     is_better,
     sweep,
+    sweep_baselines,
     validate_grid,
 )
 from .snapshots import STORAGES, SnapshotStore, trainable_tensors
@@ -63,16 +67,25 @@ class ExMeCallback(TrainerCallback):
             candidates unless `evaluator` is given, and its logging reports the result.
         evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
             Scores a model: called on the live model at every training evaluation and for every candidate. Needed
-            when `trainer` is not given.
+            when `trainer` is not given. `LMEvalEvaluator` runs lm-evaluation-harness tasks.
+        report_evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
+            A second evaluator (a held-out split, other tasks) that scores the rows of the final table, so the gain
+            is also measured on data that chose nothing. It never influences a choice.
         metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
             The selection score: one metric, or several averaged like the ExMe paper's overall score, each with
             its direction (`{"eval_accuracy": "max", "eval_loss": "min"}`; a bare name is lower-is-better when it
             ends in `"loss"`). Defaults to the trainer's `metric_for_best_model` and `greater_is_better`, else
-            `"eval_loss"` (lower is better).
+            `"eval_loss"` (lower is better). With an `LMEvalEvaluator`, the default is the mean of all its task
+            metrics, like the paper's "Average" column. The report evaluator's score averages its own metrics the
+            same way (its `directions`, else the names of `metrics`).
         alphas (`Sequence[float]`, *optional*, defaults to `(0.1, 0.2, 0.3, 0.4, 0.5)`):
             Extrapolation strengths (>= 0) tried for each kept checkpoint.
         betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`):
             Merge weights (in [0, 1]) of EXPO-1 tried between the two EXPO models.
+        baselines (`bool`, *optional*, defaults to `False`):
+            Also evaluate the ExMe paper's baselines for the report: the weighted merge of SFT-1 and SFT-2 (over
+            the `betas` grid), TIES and DARE (densities 0.3, 0.5, 0.7; with `peft.utils.merge_utils`, full
+            fine-tuning only). Baselines are never chosen.
         choose_from (`str`, *optional*, defaults to `"all"`):
             `"all"`: the final model is the best of every SFT, EXPO and ExMe candidate, so it is never worse than
             the best checkpoint on the selection score. `"exme"`: the best ExMe merge, as the paper reports it.
@@ -110,7 +123,9 @@ class ExMeCallback(TrainerCallback):
         trainer=None,
         *,
         evaluator: Evaluator | None = None,
+        report_evaluator: Evaluator | None = None,
         metrics: str | Sequence[str] | Mapping[str, str] | None = None,
+        baselines: bool = False,
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         betas: Sequence[float] = DEFAULT_BETAS,
         choose_from: str = "all",
@@ -122,8 +137,9 @@ class ExMeCallback(TrainerCallback):
     ):
         if trainer is not None and not (hasattr(trainer, "evaluate") and hasattr(trainer, "callback_handler")):
             raise TypeError(f"`trainer` must be a `transformers.Trainer`, got {type(trainer).__name__}")
-        if evaluator is not None and not callable(evaluator):
-            raise TypeError(f"`evaluator` must be a callable `model -> dict[str, float]`, got {evaluator!r}")
+        for name, value in (("evaluator", evaluator), ("report_evaluator", report_evaluator)):
+            if value is not None and not callable(value):
+                raise TypeError(f"`{name}` must be a callable `model -> dict[str, float]`, got {value!r}")
         if trainer is None and evaluator is None:
             raise ValueError(
                 "ExMeCallback needs a way to score candidates: pass the trainer (`ExMeCallback(trainer)`) or an "
@@ -134,12 +150,16 @@ class ExMeCallback(TrainerCallback):
         if storage not in STORAGES:
             raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
         flags = {"load_exme_at_end": load_exme_at_end, "save_merged": save_merged, "evaluate_base": evaluate_base}
+        flags["baselines"] = baselines
         for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         self.trainer = trainer
         self.evaluator = evaluator if evaluator is not None else TrainerEvaluator(trainer)
+        self.report_evaluator = report_evaluator
         self.objective = None if metrics is None else Objective.from_spec(metrics)
+        self.heldout_objective: Objective | None = None  # the report evaluator's score, set at on_train_begin
+        self.baselines = baselines
         self.alphas = validate_grid("alphas", alphas, low=0.0)
         self.betas = validate_grid("betas", betas, low=0.0, high=1.0)
         self.choose_from = choose_from
@@ -161,8 +181,20 @@ class ExMeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._check_run(args, state, model)
+        for evaluator in (self.evaluator, self.report_evaluator):
+            if isinstance(evaluator, LMEvalEvaluator) and evaluator.tokenizer is None:
+                evaluator.tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
         if self.objective is None:
-            self.objective = Objective.from_spec(None, args.metric_for_best_model, args.greater_is_better)
+            directions = getattr(self.evaluator, "directions", None)
+            self.objective = (
+                Objective(directions)
+                if directions
+                else Objective.from_spec(None, args.metric_for_best_model, args.greater_is_better)
+            )
+        if self.report_evaluator is not None:
+            self.heldout_objective = Objective(
+                getattr(self.report_evaluator, "directions", None) or self.objective.metrics
+            )
         self._store = SnapshotStore(self.storage, os.path.join(args.output_dir, "exme-snapshots"))
         self._kept, self._base, self.report = [], None, None
         if state.global_step > 0:  # resumed: the base and the kept checkpoints come from the checkpoint folder
@@ -261,8 +293,9 @@ class ExMeCallback(TrainerCallback):
         )
 
         def score(candidate: Candidate) -> Candidate:
-            plane.apply(candidate.c1, candidate.c2)
+            self._apply(plane, candidate)
             self._score(model, candidate)
+            self._log_candidate(candidate)
             progress.update()
             return candidate
 
@@ -276,9 +309,15 @@ class ExMeCallback(TrainerCallback):
             betas=self.betas,
             choose_from=self.choose_from,
             base=self._base,
+            columns=list(self.objective.metrics),
         )
+        if self.heldout_objective is not None:
+            report.heldout_metric = self.heldout_objective.name
+            report.heldout_greater_is_better = self.heldout_objective.greater_is_better
+            report.heldout_columns = list(self.heldout_objective.metrics)
         self.report = report
         try:
+            # 1. The ExMe sweep (and the paper's baselines, for the report).
             sweep(
                 score,
                 self._kept,
@@ -288,8 +327,22 @@ class ExMeCallback(TrainerCallback):
                 rescore_checkpoints=not self._reuses_training_scores,
                 results=report.candidates,
             )
+            if self.baselines and len(steps) == 2:
+                densities = DEFAULT_DENSITIES if isinstance(plane, DensePlane) else ()
+                progress.total += len(self.betas) + len(OFF_PLANE) * len(densities)
+                sweep_baselines(score, self._kept, self.betas, densities, results=report.candidates)
+            # 2. The choice.
             report.final = self._choose(report.candidates)
-            plane.apply(report.final.c1, report.final.c2)
+            # 3. The held-out scores of the table's rows, from the report evaluator.
+            if self.report_evaluator is not None:
+                rows = list({id(c): c for _, c in report.rows()}.values())
+                progress.total += len(rows)
+                for candidate in rows:
+                    self._apply(plane, candidate)
+                    self._score_heldout(model, candidate)
+                    progress.update()
+            # 4. The chosen model, saved.
+            self._apply(plane, report.final)
             self._save(args, state, model, processing_class, plane)
         except BaseException as error:
             report.error = f"{type(error).__name__}: {error}"
@@ -299,6 +352,23 @@ class ExMeCallback(TrainerCallback):
             progress.close()
             plane.close(keep=self.load_exme_at_end and report.error is None)  # else the trained weights, exactly
         self._log_result()
+
+    @staticmethod
+    def _apply(plane, candidate: Candidate) -> None:
+        """Make the live model compute `candidate`: a point of the plane, or a TIES/DARE merge."""
+        if candidate.kind not in OFF_PLANE:
+            plane.apply(candidate.c1, candidate.c2)
+            return
+        from peft.utils import merge_utils
+
+        density = candidate.hyper["density"]
+        if candidate.kind == "ties":  # trim, elect signs, disjoint mean
+            weights = torch.ones(2)
+            plane.apply_merge(lambda d1, d2: merge_utils.ties([d1, d2], weights.to(d1), density))
+        else:  # DARE: random drop and rescale, then the mean; seeded, so every application is the same model
+            weights = torch.full((2,), 0.5)
+            with preserved_rng(seed=0):
+                plane.apply_merge(lambda d1, d2: merge_utils.dare_linear([d1, d2], weights.to(d1), density))
 
     def _choose(self, candidates: list[Candidate]) -> Candidate:
         gib = self.objective.greater_is_better
@@ -375,26 +445,42 @@ class ExMeCallback(TrainerCallback):
 
     def _score(self, model: torch.nn.Module, candidate: Candidate) -> Candidate:
         """Evaluate the live model into `candidate` (training mode and the trainer's state are left as they were)."""
-        was_training = model.training
-        try:
-            if self.trainer is not None:
-                with muted(self.trainer):
-                    metrics = self.evaluator(model)
-            else:
-                metrics = self.evaluator(model)
-        finally:
-            model.train(was_training)
-        if not isinstance(metrics, Mapping):
-            raise TypeError(f"`evaluator` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+        metrics = self._evaluate(self.evaluator, "evaluator", model)
         candidate.score = self._objective_score(metrics)
         candidate.metrics = numeric_metrics(metrics)
         if not is_better(candidate.score, None, True):
             candidate.error = f"non-finite score {candidate.score}"
         return candidate
 
-    def _objective_score(self, metrics: Mapping[str, float]) -> float:
+    def _score_heldout(self, model: torch.nn.Module, candidate: Candidate) -> None:
+        metrics = self._evaluate(self.report_evaluator, "report_evaluator", model)
+        candidate.heldout_score = self._objective_score(metrics, self.heldout_objective)
+        candidate.heldout_metrics = numeric_metrics(metrics)
+
+    def _evaluate(self, evaluator, name: str, model: torch.nn.Module) -> Mapping[str, float]:
+        was_training = model.training
         try:
-            return self.objective(metrics)
+            with muted(self.trainer) if self.trainer is not None else contextlib.nullcontext():
+                metrics = evaluator(model)
+        finally:
+            model.train(was_training)
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"`{name}` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+        return metrics
+
+    def _log_candidate(self, candidate: Candidate) -> None:
+        """Each candidate's score, under `exme/` keys, through the trainer's logging (TensorBoard, W&B, ...)."""
+        if self.trainer is None or not candidate.valid:
+            return
+        fields = {"c1": candidate.c1, "c2": candidate.c2, "alpha1": candidate.alpha1, "alpha2": candidate.alpha2}
+        fields.update({"beta": candidate.beta, **candidate.hyper})
+        logs = {f"exme/{candidate.kind}/score": candidate.score}
+        logs.update({f"exme/{candidate.kind}/{k}": v for k, v in fields.items() if v is not None})
+        self.trainer.log(logs)
+
+    def _objective_score(self, metrics: Mapping[str, float], objective: Objective | None = None) -> float:
+        try:
+            return (objective or self.objective)(metrics)
         except KeyError as error:
             raise KeyError(f"ExMeCallback: {error.args[0]}") from None
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
 import torch
 
-__all__ = ["Evaluator", "Objective", "TrainerEvaluator"]
+__all__ = ["Evaluator", "LMEvalEvaluator", "Objective", "TrainerEvaluator", "preserved_rng"]
 
 Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
 _DIRECTIONS = {"max": True, "min": False, True: True, False: False}
@@ -193,3 +195,139 @@ def muted(trainer) -> Iterator[None]:
         handler.callbacks = callbacks
         del history[n_logs:]
         trainer.control = control
+
+
+class LMEvalEvaluator:
+    """lm-evaluation-harness tasks, run in-process on the live model: no reload, no network.
+
+    The task manager and the tasks are built once, at construction; every call wraps the live model in lm-eval's
+    `HFLM` (once per model object) and evaluates the same task objects. Global RNGs are seeded the same way for every
+    call, so every candidate sees the same few-shot examples, and put back afterwards, so training is not disturbed.
+
+    The metrics are named `"{task}/{metric}"` (`"{task}/{metric},{filter}"` for filters other than `"none"`), and
+    `directions` tells each one's direction (lm-eval's `higher_is_better`). Used as the callback's evaluator with
+    `metrics=None`, the selection score is the mean of all of them, like the "Average" column of the ExMe paper.
+
+    Args:
+        tasks (`list[str]`): task names (installed lm-eval tasks, or tasks defined under `include_path`).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): the model's tokenizer; the callback fills it in from the
+            trainer's `processing_class` when it is not given.
+        include_path (`str`, *optional*): a folder of task YAML files (for example tasks over local jsonl files).
+        limit (`int` or `float`, *optional*): evaluate only the first `limit` documents of each task (a fraction
+            when < 1).
+        batch_size (`int`, *optional*, defaults to 8): lm-eval's batch size.
+        num_fewshot (`int`, *optional*): few-shot examples per prompt; defaults to each task's own setting, else 0.
+        apply_chat_template (`bool`, *optional*, defaults to `False`): format prompts with the tokenizer's chat
+            template.
+        seed (`int`, *optional*, defaults to 1234): the seed of every evaluation (few-shot sampling, sampling
+            generation).
+
+    Example:
+
+    ```python
+    evaluator = LMEvalEvaluator(["arc_easy", "hellaswag"], tokenizer, limit=200)
+    trainer.add_callback(ExMeCallback(trainer, evaluator=evaluator))
+    ```
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        tokenizer=None,
+        *,
+        include_path: str | None = None,
+        limit: int | float | None = None,
+        batch_size: int = 8,
+        num_fewshot: int | None = None,
+        apply_chat_template: bool = False,
+        seed: int = 1234,
+    ):
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError as error:
+            raise ImportError(
+                "LMEvalEvaluator needs lm-evaluation-harness: `pip install 'exme-callback[lm-eval]'`."
+            ) from error
+        if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"`tasks` must be a non-empty list of lm-eval task names, got {tasks!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, Real) or limit <= 0):
+            raise ValueError(f"`limit` must be a positive number, got {limit!r}")
+        if include_path is not None and not os.path.isdir(include_path):
+            raise ValueError(f"`include_path` must be a folder of task YAML files, got {include_path!r}")
+        self.tokenizer = tokenizer
+        self.limit, self.batch_size, self.seed = limit, batch_size, seed
+        self.apply_chat_template = apply_chat_template
+        self._tasks = TaskManager(include_path=include_path).load(list(tasks))
+        missing = [t for t in tasks if t not in self._tasks["tasks"] and t not in self._tasks["groups"]]
+        if missing or not self._tasks["tasks"]:
+            raise ValueError(
+                f"`tasks`: lm-eval does not know {missing or list(tasks)}; check the names or `include_path`."
+            )
+        self.directions: dict[str, bool] = {}
+        for name, task in self._tasks["tasks"].items():
+            if num_fewshot is not None or task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=num_fewshot or 0)
+            task.set_fewshot_seed(seed=seed)
+            filters = [f.name for f in task._filters] or ["none"]
+            for metric, higher in task.higher_is_better().items():
+                for filter_name in filters:
+                    self.directions[_metric_name(name, metric, filter_name)] = bool(higher)
+        self._lm = None  # lm-eval's wrapper of the live model, built on the first call
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        if self.tokenizer is None:
+            raise ValueError("`LMEvalEvaluator` needs the model's `tokenizer`.")
+        if self._lm is None or self._lm.model is not model:
+            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        was_training = model.training
+        model.eval()
+        try:
+            with preserved_rng(self.seed), torch.no_grad():
+                output = evaluate(
+                    lm=self._lm,
+                    task_dict=self._tasks,
+                    limit=self.limit,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                    apply_chat_template=self.apply_chat_template,
+                    fewshot_as_multiturn=self.apply_chat_template,
+                    verbosity="WARNING",
+                )
+        finally:
+            model.train(was_training)
+        metrics = {}
+        for task, values in output["results"].items():
+            for key, value in values.items():
+                metric, _, filter_name = key.partition(",")
+                name = _metric_name(task, metric, filter_name)
+                if name in self.directions:
+                    metrics[name] = float(value)
+        return metrics
+
+
+def _metric_name(task: str, metric: str, filter_name: str) -> str:
+    return f"{task}/{metric}" if filter_name in ("none", "") else f"{task}/{metric},{filter_name}"
+
+
+@contextlib.contextmanager
+def preserved_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block with Python's, NumPy's and torch's global RNGs seeded with `seed`, then put them back."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            if seed is not None:
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)

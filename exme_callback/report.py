@@ -1,5 +1,5 @@
-"""What a finished sweep leaves behind: `exme_report.json`, the paper-style table in `exme_report.md`, and the
-atomic publication of the output folder."""
+"""What a finished sweep leaves behind: `exme_report.json`, the paper-style table in `exme_report.md`, the sweep's
+figure `exme_sweep.png`, and the atomic publication of the output folder."""
 
 from __future__ import annotations
 
@@ -17,11 +17,16 @@ __all__ = ["Report", "publish_dir"]
 
 REPORT_JSON = "exme_report.json"
 REPORT_MD = "exme_report.md"
+REPORT_PNG = "exme_sweep.png"
 
 
 @dataclass
 class Report:
-    """Everything a sweep found, in the form `exme_report.json` stores it."""
+    """Everything a sweep found, in the form `exme_report.json` stores it.
+
+    `columns` are the metrics the selection score averages, `heldout_columns` those of the report evaluator's
+    score (`heldout_metric`), when there is one.
+    """
 
     metric: str
     greater_is_better: bool
@@ -32,6 +37,10 @@ class Report:
     betas: Sequence[float]
     choose_from: str
     base: Candidate | None = None
+    columns: list[str] = field(default_factory=list)
+    heldout_metric: str | None = None
+    heldout_greater_is_better: bool = True
+    heldout_columns: list[str] = field(default_factory=list)
     saved: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # why the sweep stopped, when it failed
 
@@ -44,15 +53,16 @@ class Report:
         return best(self.candidates, self.greater_is_better, kinds=("exme",))
 
     def rows(self) -> list[tuple[str, Candidate]]:
-        """The table's rows: Base, SFT-1, SFT-2, EXPO-1, EXPO-2 (best alpha each), best ExMe, chosen."""
+        """The rows of the ExMe paper's Table 1: Base, SFT-1, SFT-2, the baselines (best of each), EXPO-1, EXPO-2
+        (best alpha each), the best ExMe merge and the chosen model. Rows without a candidate are left out."""
         gib = self.greater_is_better
-        rows = [("Base", self.base)] if self.base is not None else []
+        sft, expo = [], []
         for i, step in enumerate(c.step for c in self.checkpoints):
-            on_i = [c for c in self.candidates if (c.step1 if i == 0 else c.step2) == step and c.kind != "exme"]
-            rows.append((f"SFT-{i + 1}", next((c for c in on_i if c.kind == "sft"), None)))
-            rows.append((f"EXPO-{i + 1}", best(on_i, gib, kinds=("expo",))))
-        rows.sort(key=lambda row: row[0].startswith("EXPO"))  # SFT rows first, like the paper's tables
-        rows.append(("ExMe", self.best_exme))
+            on_i = [c for c in self.candidates if (c.step1, c.step2)[i] == step and (c.c1, c.c2)[1 - i] == 0.0]
+            sft.append((f"SFT-{i + 1}", next((c for c in on_i if c.kind == "sft"), None)))
+            expo.append((f"EXPO-{i + 1}", best(on_i, gib, kinds=("expo",))))
+        baselines = [(label, best(self.candidates, gib, kinds=(kind,))) for kind, label in _BASELINES.items()]
+        rows = [("Base", self.base), *sft, *baselines, *expo, ("ExMe", self.best_exme)]
         if self.final is not None:
             rows.append((f"Chosen ({self.final.kind})", self.final))
         return [(label, c) for label, c in rows if c is not None]
@@ -61,6 +71,10 @@ class Report:
         return {
             "metric": self.metric,
             "greater_is_better": self.greater_is_better,
+            "columns": list(self.columns),
+            "heldout_metric": self.heldout_metric,
+            "heldout_greater_is_better": self.heldout_greater_is_better,
+            "heldout_columns": list(self.heldout_columns),
             "alphas": list(self.alphas),
             "betas": list(self.betas),
             "choose_from": self.choose_from,
@@ -74,56 +88,118 @@ class Report:
         }
 
     def to_markdown(self) -> str:
-        """The paper-style table: each row's hyper-parameters, plane coordinates, score and gain over SFT."""
+        """The paper-style table: per-metric values, the selection score and, with a report evaluator, the held-out
+        score, each with its gain over the best SFT checkpoint."""
         reference = self.best_sft
-        arrow = "higher" if self.greater_is_better else "lower"
+        heldout = self.heldout_metric is not None
         lines = [
             "# ExMe report",
             "",
-            f"Selection score: `{self.metric}` ({arrow} is better). Gain: against the best SFT checkpoint.",
+            f"Selection score: `{self.metric}` ({_better(self.greater_is_better)} is better).",
+            *(
+                [
+                    f"Held-out score: `{self.heldout_metric}` ({_better(self.heldout_greater_is_better)} is better), "
+                    "from the report evaluator, on data that chose nothing."
+                ]
+                if heldout
+                else []
+            ),
+            "Gains (Δ) are against the best SFT checkpoint, positive when better.",
             "",
             *(
                 [f"**The sweep failed** after {len(self.candidates)} candidates: {self.error}", ""]
                 if self.error
                 else []
             ),
-            "| model | step(s) | hyper-parameters | c1 | c2 | score | gain |",
-            "|---|---|---|---:|---:|---:|---:|",
         ]
+        header = ["model", "hyper-parameters", "c1", "c2", *self.columns, "selection", "Δ selection"]
+        if heldout:
+            header += [f"held-out {c}" for c in self.heldout_columns] + ["held-out", "Δ held-out"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
         for label, c in self.rows():
-            steps = "/".join(str(s) for s in (c.step1, c.step2) if s is not None) or "-"
-            gain = (
-                "-"
-                if reference is None or not c.valid
-                else _number(_gain(c, reference, self.greater_is_better), signed=True)
-            )
-            lines.append(
-                f"| {label} | {steps} | {_hyper(c)} | {c.c1:.4g} | {c.c2:.4g} | {_number(c.score)} | {gain} |"
-            )
+            cells = [label, _hyper(c), _number(c.c1), _number(c.c2)]
+            cells += [_number(_metric(c.metrics, name)) for name in self.columns]
+            cells += [_number(c.score), _gain(c.score, reference and reference.score, self.greater_is_better)]
+            if heldout:
+                cells += [_number(_metric(c.heldout_metrics, name)) for name in self.heldout_columns]
+                ref = reference and reference.heldout_score
+                cells += [_number(c.heldout_score), _gain(c.heldout_score, ref, self.heldout_greater_is_better)]
+            lines.append("| " + " | ".join(cells) + " |")
         skipped = [c for c in self.candidates if not c.valid]
         if skipped:
             lines += ["", "Skipped candidates (never chosen):", ""]
-            lines += [f"- {c.kind} c1={c.c1:.4g} c2={c.c2:.4g}: {c.error}" for c in skipped]
+            lines += [f"- {c.kind} {_hyper(c)} (c1={_number(c.c1)}, c2={_number(c.c2)}): {c.error}" for c in skipped]
         if self.saved:
             lines += ["", "Saved: " + ", ".join(f"{k} in `{v}`" for k, v in self.saved.items()) + "."]
         return "\n".join(lines) + "\n"
 
+    def plot(self, path: str) -> None:
+        """The sweep's figure (the ExMe paper's Figures 5 and 6): score against alpha for each checkpoint, and
+        score against beta, with the SFT and EXPO scores as reference lines."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        rows = dict(self.rows())
+        for i, color in zip(range(len(self.checkpoints)), ("tab:blue", "tab:orange")):
+            alpha = ("alpha1", "alpha2")[i]
+            points = sorted(
+                (getattr(c, alpha), c.score)
+                for c in self.candidates
+                if c.kind == "expo" and c.valid and getattr(c, alpha) is not None
+            )
+            if points:
+                left.plot(*zip(*points), marker="o", color=color, label=f"EXPO-{i + 1}")
+            if f"SFT-{i + 1}" in rows:
+                left.axhline(rows[f"SFT-{i + 1}"].score, color=color, linestyle="--", label=f"SFT-{i + 1}")
+        left.set(xlabel="alpha", ylabel=self.metric, title="Extrapolation (EXPO)")
+        left.legend()
+        merges = sorted((c.beta, c.score) for c in self.candidates if c.kind == "exme" and c.valid)
+        if merges:
+            right.plot(*zip(*merges), marker="o", color="tab:green", label="ExMe")
+        for i, color in zip(range(len(self.checkpoints)), ("tab:blue", "tab:orange")):
+            if f"EXPO-{i + 1}" in rows:
+                right.axhline(rows[f"EXPO-{i + 1}"].score, color=color, linestyle=":", label=f"EXPO-{i + 1}")
+        if self.best_sft is not None:
+            right.axhline(self.best_sft.score, color="gray", linestyle="--", label="best SFT")
+        right.set(xlabel="beta (weight of EXPO-1)", ylabel=self.metric, title="Merge (ExMe)")
+        right.legend()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
     def write(self, directory: str) -> None:
+        """Write `exme_report.json`, `exme_report.md` and `exme_sweep.png` into `directory`."""
         with open(os.path.join(directory, REPORT_JSON), "w") as f:
             json.dump(self.to_dict(), f, indent=2, allow_nan=True)
             f.write("\n")
         with open(os.path.join(directory, REPORT_MD), "w") as f:
             f.write(self.to_markdown())
+        if self.checkpoints:
+            self.plot(os.path.join(directory, REPORT_PNG))
 
 
-def _gain(candidate: Candidate, reference: Candidate, greater_is_better: bool) -> float:
-    """Improvement over `reference`, positive when better in the score's direction."""
+_BASELINES = {"weighted": "Weighted", "ties": "TIES", "dare": "DARE"}
+
+
+def _better(greater_is_better: bool) -> str:
+    return "higher" if greater_is_better else "lower"
+
+
+def _metric(metrics: dict[str, float], name: str) -> float | None:
+    return metrics.get(name, metrics.get(f"eval_{name}"))
+
+
+def _gain(value: float | None, reference: float | None, greater_is_better: bool) -> str:
+    if value is None or reference is None or not math.isfinite(value):
+        return "-"
     sign = 1.0 if greater_is_better else -1.0
-    return sign * (candidate.score - reference.score) + 0.0  # + 0.0: no "-0.0000" for equal scores
+    return _number(sign * (value - reference) + 0.0, signed=True)  # + 0.0: no "-0.0000" for equal scores
 
 
 def _hyper(c: Candidate) -> str:
-    values = {"alpha1": c.alpha1, "alpha2": c.alpha2, "beta": c.beta}
+    values = {"alpha1": c.alpha1, "alpha2": c.alpha2, "beta": c.beta, **c.hyper}
     return ", ".join(f"{name}={value:g}" for name, value in values.items() if value is not None) or "-"
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "Candidate",
     "Checkpoint",
     "best",
+    "sweep_baselines",
     "count_candidates",
     "exme_coefficients",
     "is_better",
@@ -30,7 +31,9 @@ __all__ = [
 
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-KINDS = ("base", "sft", "expo", "exme")
+DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
+KINDS = ("base", "sft", "expo", "exme", "weighted", "ties", "dare")
+OFF_PLANE = ("ties", "dare")  # sparsified merges: not points of the plane, `c1`/`c2` are None
 
 
 @dataclass
@@ -44,22 +47,27 @@ class Checkpoint:
 
 @dataclass
 class Candidate:
-    """One evaluated point of the plane. Fields that do not apply to its kind are `None`.
+    """One evaluated model: a point of the plane, or a baseline merge. Fields that do not apply are `None`.
 
+    `hyper` holds a baseline's hyper-parameters (`lambda` of a weighted merge, `density` of TIES and DARE).
     `error` says why the score was not used for selection (a non-finite score); such a candidate is never chosen.
+    `heldout_score` and `heldout_metrics` come from the report evaluator, for the rows of the final table.
     """
 
     kind: str
-    c1: float
-    c2: float
+    c1: float | None
+    c2: float | None
     step1: int | None = None
     step2: int | None = None
     alpha1: float | None = None
     alpha2: float | None = None
     beta: float | None = None
+    hyper: dict[str, float] = field(default_factory=dict)
     score: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    heldout_score: float | None = None
+    heldout_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def valid(self) -> bool:
@@ -111,6 +119,39 @@ def best(candidates: Iterable[Candidate], greater_is_better: bool, kinds: Sequen
 def count_candidates(n_checkpoints: int, alphas: Sequence[float], betas: Sequence[float], rescore: bool) -> int:
     """How many evaluations `sweep` runs."""
     return n_checkpoints * (len(alphas) + int(rescore)) + (len(betas) if n_checkpoints == 2 else 0)
+
+
+def sweep_baselines(
+    score: Callable[[Candidate], Candidate],
+    checkpoints: Sequence[Checkpoint],
+    lambdas: Sequence[float] = DEFAULT_BETAS,
+    densities: Sequence[float] = DEFAULT_DENSITIES,
+    results: list[Candidate] | None = None,
+) -> list[Candidate]:
+    """The merges the ExMe paper compares against, each over its grid.
+
+    - `weighted`: `lambda * SFT_1 + (1 - lambda) * SFT_2`, the point `(lambda, 1 - lambda)` of the plane;
+    - `ties`: TIES-merging of the two task vectors (trim to `density`, elect signs, disjoint mean);
+    - `dare`: DARE (drop to `density` at random, rescale) and average the two task vectors.
+
+    Args:
+        score (`Callable[[Candidate], Candidate]`): as for `sweep`; TIES and DARE candidates have `c1 = c2 = None`
+            and their `density` in `hyper`.
+        checkpoints (`Sequence[Checkpoint]`): the two kept checkpoints.
+        lambdas (`Sequence[float]`): the weights of SFT-1 tried.
+        densities (`Sequence[float]`): the fractions of each task vector kept by TIES and DARE.
+        results (`list[Candidate]`, *optional*): appended to as candidates are scored.
+    """
+    results = [] if results is None else results
+    if len(checkpoints) != 2:
+        return results
+    steps = {"step1": checkpoints[0].step, "step2": checkpoints[1].step}
+    for lam in lambdas:
+        results.append(score(Candidate("weighted", lam, 1.0 - lam, hyper={"lambda": lam}, **steps)))
+    for kind in OFF_PLANE:
+        for density in densities:
+            results.append(score(Candidate(kind, None, None, hyper={"density": density}, **steps)))
+    return results
 
 
 def sweep(

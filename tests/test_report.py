@@ -8,33 +8,57 @@ from exme_callback.report import Report, publish_dir
 from exme_callback.search import Candidate, Checkpoint
 
 
-def make_report():
+def make_report(heldout=True):
+    def c(kind, c1, c2, score, heldout_score=None, **fields):
+        return Candidate(
+            kind,
+            c1,
+            c2,
+            score=score,
+            metrics={"eval_loss": score, "eval_acc": 1 - score},
+            heldout_score=heldout_score,
+            heldout_metrics={"acc": heldout_score} if heldout_score else {},
+            **fields,
+        )
+
     candidates = [
-        Candidate("sft", 1.0, 0.0, step1=40, score=0.50),
-        Candidate("sft", 0.0, 1.0, step2=30, score=0.60),
-        Candidate("expo", 1.2, 0.0, step1=40, alpha1=0.2, score=0.45),
-        Candidate("expo", 1.4, 0.0, step1=40, alpha1=0.4, score=0.48),
+        c("sft", 1.0, 0.0, 0.50, 0.70, step1=40),
+        c("sft", 0.0, 1.0, 0.60, step2=30),
+        c("expo", 1.2, 0.0, 0.45, 0.72, step1=40, alpha1=0.2),
+        c("expo", 1.4, 0.0, 0.48, step1=40, alpha1=0.4),
         Candidate("expo", 0.0, 1.2, step2=30, alpha2=0.2, score=math.nan, error="non-finite score nan"),
-        Candidate("expo", 0.0, 1.4, step2=30, alpha2=0.4, score=0.55),
-        Candidate("exme", 0.6, 0.7, 40, 30, 0.2, 0.4, 0.5, score=0.40),
+        c("expo", 0.0, 1.4, 0.55, step2=30, alpha2=0.4),
+        c("exme", 0.6, 0.7, 0.40, 0.75, step1=40, step2=30, alpha1=0.2, alpha2=0.4, beta=0.5),
+        c("weighted", 0.7, 0.3, 0.52, 0.69, step1=40, step2=30, hyper={"lambda": 0.7}),
+        c("ties", None, None, 0.58, 0.6, step1=40, step2=30, hyper={"density": 0.5}),
     ]
     return Report(
         metric="eval_loss",
         greater_is_better=False,
         checkpoints=[Checkpoint(40, 0.5), Checkpoint(30, 0.6)],
         candidates=candidates,
-        final=candidates[-1],
+        final=candidates[6],
         alphas=(0.2, 0.4),
         betas=(0.5,),
         choose_from="all",
-        base=Candidate("base", 0.0, 0.0, score=2.0),
+        base=c("base", 0.0, 0.0, 2.0, 0.3),
+        columns=["eval_loss", "acc"],
+        heldout_metric="acc" if heldout else None,
+        heldout_columns=["acc"] if heldout else [],
     )
+
+
+def table(path):
+    """The markdown table as {row label: {column: cell}}."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return {row[0]: dict(zip(cells[0], row)) for row in cells[1:]}
 
 
 def test_rows_follow_the_paper_table():
     report = make_report()
-    rows = {label: c for label, c in report.rows()}
-    assert list(rows) == ["Base", "SFT-1", "SFT-2", "EXPO-1", "EXPO-2", "ExMe", "Chosen (exme)"]
+    rows = dict(report.rows())
+    assert list(rows) == ["Base", "SFT-1", "SFT-2", "Weighted", "TIES", "EXPO-1", "EXPO-2", "ExMe", "Chosen (exme)"]
     assert rows["EXPO-1"].alpha1 == 0.2 and rows["EXPO-2"].alpha2 == 0.4  # best valid alpha of each
     assert report.best_sft.score == 0.5 and report.best_exme is report.final
 
@@ -43,18 +67,27 @@ def test_markdown_numbers_equal_json(tmp_path):
     report = make_report()
     report.write(str(tmp_path))
     data = json.loads((tmp_path / "exme_report.json").read_text())
-    table = [line for line in (tmp_path / "exme_report.md").read_text().splitlines() if line.startswith("| ")][1:]
-    by_label = {line.split(" | ")[0][2:]: line.split(" | ") for line in table}
-    assert float(by_label["Chosen (exme)"][5]) == pytest.approx(data["final"]["score"], abs=5e-5)
-    assert by_label["Chosen (exme)"][6].strip(" |") == "+0.1000"  # 0.5 -> 0.4, lower is better
-    assert by_label["SFT-1"][6].strip(" |") == "+0.0000"
-    assert by_label["Base"][6].strip(" |") == "-1.5000"
-    assert by_label["ExMe"][2] == "alpha1=0.2, alpha2=0.4, beta=0.5"
-    assert data["best_exme"] == data["final"] and data["checkpoints"] == [
-        {"step": 40, "score": 0.5},
-        {"step": 30, "score": 0.6},
-    ]
+    rows = table(tmp_path / "exme_report.md")
+    by_label = {"Base": data["base"], "Chosen (exme)": data["final"], "ExMe": data["best_exme"]}
+    for label, entry in by_label.items():
+        assert float(rows[label]["selection"]) == pytest.approx(entry["score"], abs=5e-5)
+        assert float(rows[label]["eval_loss"]) == pytest.approx(entry["metrics"]["eval_loss"], abs=5e-5)
+        assert float(rows[label]["acc"]) == pytest.approx(entry["metrics"]["eval_acc"], abs=5e-5)
+        assert float(rows[label]["held-out"]) == pytest.approx(entry["heldout_score"], abs=5e-5)
+    assert rows["Chosen (exme)"]["Δ selection"] == "+0.1000"  # 0.5 -> 0.4, lower is better
+    assert rows["Chosen (exme)"]["Δ held-out"] == "+0.0500"  # 0.70 -> 0.75, higher is better
+    assert rows["SFT-1"]["Δ selection"] == "+0.0000" and rows["Base"]["Δ selection"] == "-1.5000"
+    assert rows["ExMe"]["hyper-parameters"] == "alpha1=0.2, alpha2=0.4, beta=0.5"
+    assert rows["TIES"]["hyper-parameters"] == "density=0.5" and rows["TIES"]["c1"] == "-"
+    assert rows["SFT-2"]["held-out"] == "-"  # only scored rows have held-out values
+    assert data["checkpoints"] == [{"step": 40, "score": 0.5}, {"step": 30, "score": 0.6}]
     assert "non-finite score nan" in (tmp_path / "exme_report.md").read_text()
+    assert (tmp_path / "exme_sweep.png").stat().st_size > 10_000
+
+
+def test_markdown_without_heldout_has_no_heldout_columns(tmp_path):
+    report = make_report(heldout=False)
+    assert "held-out" not in report.to_markdown().split("\n| model")[1].splitlines()[0]
 
 
 def test_publish_dir_replaces_atomically(tmp_path):
