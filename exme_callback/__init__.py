@@ -2,7 +2,7 @@
 
 from .arithmetic import combine, extrapolate, interpolate
 from .callback import ExMeCallback
-from .evaluators import Objective, TrainerEvaluator
+from .evaluators import LMEvalEvaluator, Objective, TrainerEvaluator
 from .search import Candidate, Checkpoint, exme_coefficients
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "Candidate",
     "Checkpoint",
     "ExMeCallback",
+    "LMEvalEvaluator",
     "Objective",
     "TrainerEvaluator",
     "combine",

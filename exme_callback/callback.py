@@ -77,7 +77,10 @@ class ExMeCallback(TrainerCallback):
             ends in `"loss"`). Defaults to the trainer's `metric_for_best_model` and `greater_is_better`, else
             `"eval_loss"` (lower is better). With an `LMEvalEvaluator`, the default is the mean of all its task
             metrics, like the paper's "Average" column. The report evaluator's score averages its own metrics the
-            same way (its `directions`, else the names of `metrics`).
+            same way: see `report_metrics`.
+        report_metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
+            The report evaluator's score, in the format of `metrics`. Defaults to its `directions` (an
+            `LMEvalEvaluator`'s task metrics), else to the selection metrics.
         alphas (`Sequence[float]`, *optional*, defaults to `(0.1, 0.2, 0.3, 0.4, 0.5)`):
             Extrapolation strengths (>= 0) tried for each kept checkpoint.
         betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`):
@@ -125,6 +128,7 @@ class ExMeCallback(TrainerCallback):
         evaluator: Evaluator | None = None,
         report_evaluator: Evaluator | None = None,
         metrics: str | Sequence[str] | Mapping[str, str] | None = None,
+        report_metrics: str | Sequence[str] | Mapping[str, str] | None = None,
         baselines: bool = False,
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         betas: Sequence[float] = DEFAULT_BETAS,
@@ -158,7 +162,10 @@ class ExMeCallback(TrainerCallback):
         self.evaluator = evaluator if evaluator is not None else TrainerEvaluator(trainer)
         self.report_evaluator = report_evaluator
         self.objective = None if metrics is None else Objective.from_spec(metrics)
-        self.heldout_objective: Objective | None = None  # the report evaluator's score, set at on_train_begin
+        if report_metrics is not None and report_evaluator is None:
+            raise ValueError("`report_metrics` names the metrics of `report_evaluator`, which is not given.")
+        # The report evaluator's score; when None, set at on_train_begin from its `directions` or the selection's.
+        self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
         self.baselines = baselines
         self.alphas = validate_grid("alphas", alphas, low=0.0)
         self.betas = validate_grid("betas", betas, low=0.0, high=1.0)
@@ -191,10 +198,9 @@ class ExMeCallback(TrainerCallback):
                 if directions
                 else Objective.from_spec(None, args.metric_for_best_model, args.greater_is_better)
             )
-        if self.report_evaluator is not None:
-            self.heldout_objective = Objective(
-                getattr(self.report_evaluator, "directions", None) or self.objective.metrics
-            )
+        if self.report_evaluator is not None and self.heldout_objective is None:
+            directions = getattr(self.report_evaluator, "directions", None)
+            self.heldout_objective = Objective(directions or self.objective.metrics)
         self._store = SnapshotStore(self.storage, os.path.join(args.output_dir, "exme-snapshots"))
         self._kept, self._base, self.report = [], None, None
         if state.global_step > 0:  # resumed: the base and the kept checkpoints come from the checkpoint folder
@@ -204,6 +210,9 @@ class ExMeCallback(TrainerCallback):
             # With `eval_on_start`, the trainer's step-0 evaluation scores the base (see `on_evaluate`).
             if self.evaluate_base and not (self._reuses_training_scores and args.eval_on_start):
                 self._base = self._score(model, Candidate("base", 0.0, 0.0))
+            if self.evaluate_base and self.report_evaluator is not None:  # also checks its metrics before training
+                self._base = self._base or Candidate("base", 0.0, 0.0)
+                self._score_heldout(model, self._base)
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -335,7 +344,7 @@ class ExMeCallback(TrainerCallback):
             report.final = self._choose(report.candidates)
             # 3. The held-out scores of the table's rows, from the report evaluator.
             if self.report_evaluator is not None:
-                rows = list({id(c): c for _, c in report.rows()}.values())
+                rows = [c for c in {id(c): c for _, c in report.rows()}.values() if c.heldout_score is None]
                 progress.total += len(rows)
                 for candidate in rows:
                     self._apply(plane, candidate)

@@ -282,9 +282,9 @@ class LMEvalEvaluator:
 
         if self.tokenizer is None:
             raise ValueError("`LMEvalEvaluator` needs the model's `tokenizer`.")
+        was_training = model.training
         if self._lm is None or self._lm.model is not model:
             self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
-        was_training = model.training
         model.eval()
         try:
             with preserved_rng(self.seed), torch.no_grad():

@@ -130,3 +130,47 @@ def regression():
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def write_lm_eval_tasks(folder, prefix: str = "toy") -> list[str]:
+    """A multiple-choice and a generate_until lm-eval task over local jsonl files, written into `folder`."""
+    import json
+
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(a, n) for a in ("red", "blue", "big", "small") for n in ("cat", "dog")]
+    rows = {
+        "choice": [
+            {"q": f"the {a} {n} sat on the", "choices": ["mat", "log", "dog"], "label": i % 2}
+            for i, (a, n) in enumerate(pairs)
+        ],
+        "generate": [{"q": f"the {a} cat sat on the", "answer": "mat"} for a in ("red", "blue", "big", "small")],
+    }
+    specific = {
+        "choice": {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "label",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        },
+        "generate": {
+            "output_type": "generate_until",
+            "doc_to_target": " {{answer}}",
+            "generation_kwargs": {"until": ["<eos>"], "max_gen_toks": 3, "do_sample": False},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        },
+    }
+    for kind in ("choice", "generate"):
+        data = folder / f"{prefix}_{kind}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows[kind]))
+        config = {
+            "task": f"{prefix}_{kind}",
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test",
+            "doc_to_text": "{{q}}",
+            **specific[kind],
+        }
+        (folder / f"{prefix}_{kind}.yaml").write_text(yaml.safe_dump(config))
+    return [f"{prefix}_choice", f"{prefix}_generate"]

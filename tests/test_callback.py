@@ -454,3 +454,68 @@ def test_frozen_tied_parameters_and_buffers_are_left_as_trained(tmp_path, regres
     trainer, callback = train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator)
     assert {c.c1 for c in callback.report.candidates} > {0.0, 1.0}
     assert all(w[1] == 0.0 for w in evaluator.seen)  # b never moved: frozen in training and in the sweep
+
+
+def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
+    from peft.utils import merge_utils
+
+    heldout_target = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    heldout_seen = []
+
+    def heldout(model):
+        w = weights(model)
+        heldout_seen.append(w)
+        return {"heldout_closeness": -float(((w - heldout_target) ** 2).sum())}
+
+    evaluator = RecordingEvaluator()
+    base = weights(regression[0])
+    trainer, callback = train(
+        tmp_path,
+        regression,
+        {
+            "metrics": {"closeness": "max"},
+            "baselines": True,
+            "report_evaluator": heldout,
+            "report_metrics": {"heldout_closeness": "max"},
+        },
+        evaluator,
+    )
+    report = callback.report
+    checkpoints = {8 * (i + 1): w for i, w in enumerate(evaluator.seen[1:5])}
+    s1, s2 = (checkpoints[c.step] for c in report.checkpoints)
+    d1, d2 = s1 - base, s2 - base
+
+    kinds = [c.kind for c in report.candidates]
+    assert kinds[21:] == ["weighted"] * 9 + ["ties"] * 3 + ["dare"] * 3
+    for candidate, seen in zip(report.candidates[21:], evaluator.seen[5 + 2 + 19 :]):
+        if candidate.kind == "weighted":
+            lam = candidate.hyper["lambda"]
+            expected = lam * s1 + (1 - lam) * s2
+        elif candidate.kind == "ties":
+            merged = [
+                merge_utils.ties(
+                    [d1[i : i + 1].float(), d2[i : i + 1].float()], torch.ones(2), candidate.hyper["density"]
+                )
+                for i in range(2)
+            ]
+            expected = base + torch.cat(merged).double()
+        else:
+            continue  # DARE's random mask: checked below for determinism
+        assert_close(seen, expected, rtol=1e-5, atol=1e-6)
+    assert report.final.kind in ("sft", "expo", "exme")  # baselines are never chosen
+
+    # Held-out: every table row scored once by the report evaluator, with its own closed form.
+    rows = {label: c for label, c in report.rows()}
+    assert {"Weighted", "TIES", "DARE", "Base"} <= set(rows)
+    assert len(heldout_seen) == len({id(c) for c in rows.values()})
+    for candidate in rows.values():
+        assert candidate.heldout_score is not None
+        assert candidate.heldout_metrics == {"heldout_closeness": candidate.heldout_score}
+    assert rows["Base"].heldout_score == pytest.approx(-float(((base - heldout_target) ** 2).sum()))
+    c = rows["ExMe"]
+    expected = base + c.c1 * d1 + c.c2 * d2
+    assert c.heldout_score == pytest.approx(-float(((expected - heldout_target) ** 2).sum()), rel=1e-5)
+    dare = rows["DARE"]
+    dare_seen = [w for cand, w in zip(report.candidates[21:], evaluator.seen[26:]) if cand is dare][0]
+    assert dare.heldout_score == pytest.approx(-float(((dare_seen - heldout_target) ** 2).sum()), rel=1e-6)
+    assert "held-out" in (tmp_path / "exme" / "exme_report.md").read_text()

@@ -180,3 +180,41 @@ def test_trainer_dora_saves_a_fused_model(tmp_path, tokenizer):
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     assert_close(evaluation.evaluate()["eval_loss"], callback.report.final.score, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_with_lm_eval_selection_and_heldout_report(tmp_path, tokenizer):
+    pytest.importorskip("lm_eval")
+    from conftest import write_lm_eval_tasks
+
+    from exme_callback import LMEvalEvaluator
+
+    selection = write_lm_eval_tasks(tmp_path / "tasks", prefix="sel")
+    heldout = write_lm_eval_tasks(tmp_path / "tasks", prefix="held")
+    include = str(tmp_path / "tasks")
+    tokenize = lambda texts: Dataset.from_dict(dict(tokenizer(texts)))  # noqa: E731
+    trainer = Trainer(
+        model=make_llama(),
+        args=TrainingArguments(output_dir=str(tmp_path / "run"), **{**COMMON, "max_steps": 12}),
+        train_dataset=tokenize(make_texts(96, seed=0)),
+        eval_dataset=tokenize(make_texts(32, seed=1)),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    callback = ExMeCallback(
+        trainer,
+        evaluator=LMEvalEvaluator(selection, include_path=include, batch_size=8),
+        report_evaluator=LMEvalEvaluator(heldout, include_path=include, batch_size=8),
+        alphas=(0.2, 0.5),
+        betas=(0.3, 0.7),
+    )
+    trainer.add_callback(callback)
+    trainer.train()
+    report = callback.report
+    assert report.metric == "mean(sel_choice/acc, sel_generate/exact_match)" and report.greater_is_better
+    assert report.heldout_metric == "mean(held_choice/acc, held_generate/exact_match)"
+    for label, candidate in report.rows():
+        assert set(candidate.metrics) == {"sel_choice/acc", "sel_generate/exact_match"}, label
+        assert set(candidate.heldout_metrics) == {"held_choice/acc", "held_generate/exact_match"}, label
+        assert candidate.heldout_score == pytest.approx(sum(candidate.heldout_metrics.values()) / 2)
+    table = (tmp_path / "run" / "exme" / "exme_report.md").read_text()
+    assert "held-out held_choice/acc" in table and (tmp_path / "run" / "exme" / "exme_sweep.png").exists()

@@ -71,3 +71,74 @@ def test_trainer_evaluator_is_silent(tmp_path, regression):
         evaluator(torch.nn.Linear(1, 1))
     trainer.evaluate()
     assert seen == ["log", "evaluate"]  # the callbacks are back
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks(tmp_path_factory):
+    """Two lm-eval tasks over local files, and an evaluator of them (built once: indexing tasks takes seconds)."""
+    pytest.importorskip("lm_eval")
+    from conftest import make_tokenizer, write_lm_eval_tasks
+
+    from exme_callback import LMEvalEvaluator
+
+    folder = tmp_path_factory.mktemp("tasks")
+    tasks = write_lm_eval_tasks(folder)
+    return folder, LMEvalEvaluator(tasks, make_tokenizer(), include_path=str(folder), batch_size=4)
+
+
+def test_lm_eval_multiple_choice_accuracy_matches_a_direct_computation(lm_eval_tasks, tokenizer):
+    import json
+
+    from conftest import make_llama
+
+    folder, evaluator = lm_eval_tasks
+    model = make_llama(seed=3)
+    metrics = evaluator(model)
+    assert evaluator.directions == {"toy_choice/acc": True, "toy_generate/exact_match": True}
+    assert set(metrics) == set(evaluator.directions)
+
+    # acc = the share of questions whose label has the highest log-likelihood of continuation " {choice}".
+    correct = 0
+    rows = [json.loads(line) for line in (folder / "toy_choice.jsonl").read_text().splitlines()]
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            context = tokenizer(row["q"])["input_ids"]
+            full = tokenizer(row["q"] + " " + choice)["input_ids"]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([full])).logits.log_softmax(-1)[0]
+            scores.append(sum(logprobs[i - 1, full[i]].item() for i in range(len(context), len(full))))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
+    assert metrics["toy_choice/acc"] == pytest.approx(correct / len(rows))
+    assert 0.0 <= metrics["toy_generate/exact_match"] <= 1.0
+
+
+def test_lm_eval_evaluator_is_repeatable_and_leaves_rng_and_mode_alone(lm_eval_tasks):
+    import random
+
+    import numpy as np
+    from conftest import make_llama
+
+    _, evaluator = lm_eval_tasks
+    model = make_llama(seed=4).train()
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(6)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first, second = evaluator(model), evaluator(model)
+    assert first == second
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert model.training
+
+
+def test_lm_eval_evaluator_errors(lm_eval_tasks):
+    from exme_callback import LMEvalEvaluator
+
+    folder, _ = lm_eval_tasks
+    with pytest.raises(ValueError, match="`tasks` must be a non-empty list"):
+        LMEvalEvaluator("toy_choice")
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
+        LMEvalEvaluator(["toy_choice"], batch_size=0)
+    with pytest.raises(ValueError, match="`include_path` must be a folder"):
+        LMEvalEvaluator(["toy_choice"], include_path=str(folder / "missing"))
