@@ -296,7 +296,7 @@ class ExMeCallback(TrainerCallback):
             plane = DensePlane(live, base, sft[0], sft2, trained)
 
         progress = tqdm(
-            total=count_candidates(len(steps), self.alphas, self.betas, not self._reuses_training_scores),
+            total=count_candidates(len(steps), self.alphas, self.betas),
             desc="ExMe sweep",
             disable=args.disable_tqdm or not state.is_world_process_zero,
         )
@@ -333,7 +333,6 @@ class ExMeCallback(TrainerCallback):
                 self.alphas,
                 self.betas,
                 self.objective.greater_is_better,
-                rescore_checkpoints=not self._reuses_training_scores,
                 results=report.candidates,
             )
             if self.baselines and len(steps) == 2:

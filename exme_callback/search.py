@@ -116,9 +116,9 @@ def best(candidates: Iterable[Candidate], greater_is_better: bool, kinds: Sequen
     return winner
 
 
-def count_candidates(n_checkpoints: int, alphas: Sequence[float], betas: Sequence[float], rescore: bool) -> int:
+def count_candidates(n_checkpoints: int, alphas: Sequence[float], betas: Sequence[float]) -> int:
     """How many evaluations `sweep` runs."""
-    return n_checkpoints * (len(alphas) + int(rescore)) + (len(betas) if n_checkpoints == 2 else 0)
+    return n_checkpoints * len(alphas) + (len(betas) if n_checkpoints == 2 else 0)
 
 
 def sweep_baselines(
@@ -160,7 +160,6 @@ def sweep(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     betas: Sequence[float] = DEFAULT_BETAS,
     greater_is_better: bool = False,
-    rescore_checkpoints: bool = False,
     results: list[Candidate] | None = None,
 ) -> list[Candidate]:
     """Run the ExMe search and return every candidate in the order evaluated.
@@ -172,8 +171,6 @@ def sweep(
         alphas (`Sequence[float]`): the extrapolation grid, searched for each checkpoint separately.
         betas (`Sequence[float]`): the merge grid between the two best EXPO models.
         greater_is_better (`bool`): the direction of the score.
-        rescore_checkpoints (`bool`): evaluate the SFT checkpoints again instead of reusing their training scores
-            (when the sweep's evaluator is not the one that scored them during training).
         results (`list[Candidate]`, *optional*): the list to append candidates to as they are scored (and to
             return), so that a caller still has the finished part when scoring raises.
 
@@ -189,13 +186,9 @@ def sweep(
         c = (scale, 0.0) if i == 0 else (0.0, scale)
         return Candidate(c1=c[0], c2=c[1], **{f"step{i + 1}": steps[i]}, **fields)
 
-    # 1. The SFT checkpoints.
+    # 1. The SFT checkpoints, with the scores they got during training (from the same evaluation).
     for i, checkpoint in enumerate(checkpoints):
-        candidate = point(i, 1.0, kind="sft")
-        if rescore_checkpoints:
-            candidate = score(candidate)
-        else:
-            candidate.score, candidate.metrics = checkpoint.score, dict(checkpoint.metrics)
+        candidate = point(i, 1.0, kind="sft", score=checkpoint.score, metrics=dict(checkpoint.metrics))
         results.append(candidate)
 
     # 2. EXPO: each checkpoint's best alpha (0, the checkpoint itself, when no alpha scores a finite number).

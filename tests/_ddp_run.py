@@ -39,3 +39,6 @@ trainer = Trainer(
 trainer.add_callback(ExMeCallback(trainer))
 trainer.train()
 torch.save(torch.stack([model.a.detach(), model.b.detach()]), os.path.join(output_dir, f"weights-rank{rank}.pt"))
+if torch.distributed.is_initialized():  # leave together: a rank exiting early can abort the other's gloo threads
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -51,7 +51,7 @@ def test_every_candidate_is_base_plus_plane_combination(tmp_path, regression):
     trained = weights(trainer.model)
 
     # Evaluations: the base, 8 checkpoints during training (32 steps, every 8), then the sweep.
-    assert len(evaluator.seen) == 1 + 4 + 2 * len(DEFAULT_ALPHAS) + len(DEFAULT_BETAS) + 2
+    assert len(evaluator.seen) == 1 + 4 + 2 * len(DEFAULT_ALPHAS) + len(DEFAULT_BETAS)
     assert_close(evaluator.seen[0], base)
     checkpoints = {8 * (i + 1): w for i, w in enumerate(evaluator.seen[1:5])}
     report = callback.report
@@ -61,10 +61,10 @@ def test_every_candidate_is_base_plus_plane_combination(tmp_path, regression):
     assert [step1, step2] == ranked[:2] and s1 == pytest.approx(scores[step1])
 
     d1, d2 = checkpoints[step1] - base, checkpoints[step2] - base
-    sweep_seen = evaluator.seen[5:]
-    candidates = [c for c in report.candidates]
+    candidates = report.candidates
     assert [c.kind for c in candidates] == ["sft"] * 2 + ["expo"] * 10 + ["exme"] * 9
-    for candidate, seen in zip(candidates, sweep_seen):
+    assert [(c.score, c.step1 or c.step2) for c in candidates[:2]] == [(s1, step1), (s2, step2)]  # from training
+    for candidate, seen in zip(candidates[2:], evaluator.seen[5:], strict=True):
         expected = base + candidate.c1 * d1 + candidate.c2 * d2
         assert_close(seen, expected, rtol=1e-5, atol=1e-6)
         assert candidate.score == pytest.approx(-float(((expected - TARGET) ** 2).sum()), rel=1e-4, abs=1e-6)
@@ -302,7 +302,7 @@ def test_failure_during_the_sweep_restores_weights_and_reports(tmp_path, regress
     earlier = tmp_path / "exme"
     earlier.mkdir()
     (earlier / "exme_report.json").write_text('{"earlier": true}')
-    evaluator = FailingEvaluator(fail_at=1 + 4 + 2 + 3, error=error)  # base, checkpoints, SFT rows, 3rd EXPO
+    evaluator = FailingEvaluator(fail_at=1 + 4 + 3, error=error)  # base, checkpoints, 3rd EXPO
     model = regression[0]
     trainer_holder = {}
 
@@ -487,7 +487,7 @@ def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
 
     kinds = [c.kind for c in report.candidates]
     assert kinds[21:] == ["weighted"] * 9 + ["ties"] * 3 + ["dare"] * 3
-    for candidate, seen in zip(report.candidates[21:], evaluator.seen[5 + 2 + 19 :]):
+    for candidate, seen in zip(report.candidates[21:], evaluator.seen[5 + 19 :]):
         if candidate.kind == "weighted":
             lam = candidate.hyper["lambda"]
             expected = lam * s1 + (1 - lam) * s2
@@ -516,6 +516,6 @@ def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
     expected = base + c.c1 * d1 + c.c2 * d2
     assert c.heldout_score == pytest.approx(-float(((expected - heldout_target) ** 2).sum()), rel=1e-5)
     dare = rows["DARE"]
-    dare_seen = [w for cand, w in zip(report.candidates[21:], evaluator.seen[26:]) if cand is dare][0]
+    dare_seen = [w for cand, w in zip(report.candidates[21:], evaluator.seen[24:]) if cand is dare][0]
     assert dare.heldout_score == pytest.approx(-float(((dare_seen - heldout_target) ** 2).sum()), rel=1e-6)
     assert "held-out" in (tmp_path / "exme" / "exme_report.md").read_text()

@@ -43,18 +43,18 @@ def test_sweep_order_coefficients_and_best_alphas():
     assert (merges[0].c1, merges[0].c2) == pytest.approx((0.25 * 1.5, 0.75 * 1.1))
 
 
-def test_sweep_rescore_and_one_checkpoint():
+def test_sweep_with_one_checkpoint_is_expo_only():
     calls = []
 
     def score(candidate):
         calls.append((candidate.c1, candidate.c2))
         return quadratic()(candidate)
 
-    results = sweep(score, checkpoints()[:1], alphas=(0.2,), betas=(0.5,), rescore_checkpoints=True)
-    assert calls == [(1.0, 0.0), (1.2, 0.0)]
-    assert [c.kind for c in results] == ["sft", "expo"]
-    assert count_candidates(1, (0.2,), (0.5,), rescore=True) == len(calls)
-    assert count_candidates(2, (0.1, 0.2), (0.5,) * 3, rescore=False) == 7
+    results = sweep(score, checkpoints()[:1], alphas=(0.2,), betas=(0.5,))
+    assert calls == [(1.2, 0.0)]  # the checkpoint keeps its training score
+    assert [c.kind for c in results] == ["sft", "expo"] and results[0].score == -0.5
+    assert count_candidates(1, (0.2,), (0.5,)) == len(calls)
+    assert count_candidates(2, (0.1, 0.2), (0.5,) * 3) == 7
 
 
 def test_non_finite_alpha_scores_fall_back_to_the_checkpoint():
