@@ -112,13 +112,14 @@ class Report:
                 else []
             ),
         ]
-        header = ["model", "hyper-parameters", "c1", "c2", *self.columns, "selection", "Δ selection"]
+        columns = self.columns if len(self.columns) > 1 else []  # one metric is the selection score itself
+        header = ["model", "hyper-parameters", "c1", "c2", *columns, "selection", "Δ selection"]
         if heldout:
             header += [f"held-out {c}" for c in self.heldout_columns] + ["held-out", "Δ held-out"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
         for label, c in self.rows():
             cells = [label, _hyper(c), _number(c.c1), _number(c.c2)]
-            cells += [_number(_metric(c.metrics, name)) for name in self.columns]
+            cells += [_number(_metric(c.metrics, name)) for name in columns]
             cells += [_number(c.score), _gain(c.score, reference and reference.score, self.greater_is_better)]
             if heldout:
                 cells += [_number(_metric(c.heldout_metrics, name)) for name in self.heldout_columns]
