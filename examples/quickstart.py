@@ -63,6 +63,27 @@ def make_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def sft_config(output_dir: str, steps: int, eval_steps: int, learning_rate: float) -> SFTConfig:
+    """Training settings: a checkpoint evaluated (and ranked by ExMe) every `eval_steps` steps."""
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=10,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="no",
+        logging_steps=eval_steps,
+        max_length=32,
+        report_to=[],
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        seed=0,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/quickstart", help="where the run and its exme/ folder go")
@@ -73,23 +94,7 @@ def main() -> None:
     tokenizer = make_tokenizer()
     trainer = SFTTrainer(
         model=make_model(tokenizer),
-        args=SFTConfig(
-            output_dir=args.output_dir,
-            max_steps=args.steps,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=64,
-            learning_rate=3e-3,
-            lr_scheduler_type="constant_with_warmup",
-            warmup_steps=10,
-            eval_strategy="steps",
-            eval_steps=args.eval_steps,
-            save_strategy="no",
-            logging_steps=args.eval_steps,
-            max_length=32,
-            report_to=[],
-            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-            seed=0,
-        ),
+        args=sft_config(args.output_dir, args.steps, args.eval_steps, learning_rate=3e-3),
         train_dataset=make_split(4000, seed=0),
         eval_dataset=make_split(300, seed=1),
         processing_class=tokenizer,

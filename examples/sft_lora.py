@@ -16,33 +16,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
 from peft import LoraConfig
-from quickstart import make_model, make_split, make_tokenizer
+from quickstart import make_model, make_split, make_tokenizer, sft_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from exme_callback import ExMeCallback
-
-
-def config(output_dir: str, steps: int, eval_steps: int, learning_rate: float) -> SFTConfig:
-    return SFTConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=10,
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="no",
-        logging_steps=eval_steps,
-        max_length=32,
-        report_to=[],
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        seed=0,
-    )
 
 
 def main() -> None:
@@ -60,7 +39,7 @@ def main() -> None:
         tokenizer = make_tokenizer()
         warm_up = SFTTrainer(
             model=make_model(tokenizer),
-            args=config(os.path.join(args.output_dir, "warm-up"), 60, 60, 3e-3),
+            args=sft_config(os.path.join(args.output_dir, "warm-up"), 60, 60, learning_rate=3e-3),
             train_dataset=train,
             eval_dataset=val,
             processing_class=tokenizer,
@@ -70,7 +49,7 @@ def main() -> None:
 
     trainer = SFTTrainer(
         model=model,
-        args=config(args.output_dir, args.steps, args.eval_steps, 1e-2),
+        args=sft_config(args.output_dir, args.steps, args.eval_steps, learning_rate=1e-2),
         train_dataset=train,
         eval_dataset=val,
         processing_class=tokenizer,

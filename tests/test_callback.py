@@ -13,6 +13,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from exme_callback import ExMeCallback, exme_coefficients
 from exme_callback.search import DEFAULT_ALPHAS, DEFAULT_BETAS
+from exme_callback.snapshots import trainable_tensors
 
 TARGET = torch.tensor([2.5, 2.0], dtype=torch.float64)  # the (a, b) the recording evaluator rewards
 
@@ -341,13 +342,28 @@ def test_full_disk_while_saving_keeps_earlier_result(tmp_path, regression, monke
 
     monkeypatch.setattr(Trainer, "save_model", full_disk)
     model = regression[0]
+    trained = {}
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            trained["weights"] = weights(model)
+
+    model_, train_data, eval_data = regression
+    trainer = Trainer(
+        model=model,
+        args=regression_args(tmp_path),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        callbacks=[Capture()],
+    )
+    trainer.add_callback(ExMeCallback(trainer))
     with pytest.raises(OSError, match="No space left"):
-        trainer, _ = train(tmp_path, regression)
+        trainer.train()
+    assert torch.equal(weights(model), trained["weights"])
     assert (earlier / "model.safetensors").read_text() == "earlier"
     assert not os.path.exists(tmp_path / "exme.incomplete")
     failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
     assert len(failed["candidates"]) == 21 and failed["final"] is not None
-    assert model.a.requires_grad  # the model is usable again: trained weights are back (checked above for errors)
 
 
 class Crash(TrainerCallback):
@@ -449,11 +465,21 @@ def test_frozen_tied_parameters_and_buffers_are_left_as_trained(tmp_path, regres
     """Only trainable tensors are on the plane: a frozen parameter and a buffer keep their trained values."""
     model = regression[0]
     model.b.requires_grad_(False)
-    model.register_buffer("calls", torch.zeros(()))
-    evaluator = RecordingEvaluator()
+    model.register_buffer("statistic", torch.tensor(7.0))
+    buffers_seen = []
+
+    class BufferRecorder(RecordingEvaluator):
+        def __call__(self, model):
+            buffers_seen.append(model.statistic.item())
+            model.statistic += 1  # as a BatchNorm update would; candidates start from what the last one left
+            return super().__call__(model)
+
+    evaluator = BufferRecorder()
     trainer, callback = train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator)
     assert {c.c1 for c in callback.report.candidates} > {0.0, 1.0}
     assert all(w[1] == 0.0 for w in evaluator.seen)  # b never moved: frozen in training and in the sweep
+    assert buffers_seen == [7.0 + i for i in range(len(evaluator.seen))]  # never blended, never reset
+    assert [n for n in trainable_tensors(model)] == ["a"]
 
 
 def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
