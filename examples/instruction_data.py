@@ -8,6 +8,7 @@ format. Each skill is its own lm-eval task, like the several benchmarks of the E
 import json
 import os
 import random
+import shutil
 
 import yaml
 
@@ -128,7 +129,8 @@ def write_tasks(folder: str, records_by_task: dict[str, list[dict]]) -> list[str
     """Write one lm-eval task per key of `records_by_task` (YAML over a local jsonl file); return the task names.
 
     Records with `choices` are multiple choice (accuracy); generated skills are scored by exact match of the
-    greedy answer; free-form responses (`"dataset"`) by the perplexity of the reference response.
+    greedy answer; free-form responses (`--dataset`) by the bits per byte of the reference response given the
+    prompt (`response_bits_per_byte`, which lm-eval imports from a copy of this file beside the YAML).
     """
     os.makedirs(folder, exist_ok=True)
     for task, records in records_by_task.items():
@@ -145,7 +147,17 @@ def write_tasks(folder: str, records_by_task: dict[str, list[dict]]) -> list[str
         }
         with open(os.path.join(folder, f"{task}.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
+            if config["output_type"] == "loglikelihood":
+                f.write(f"process_results: !function {__name__}.response_bits_per_byte\n")
+                shutil.copy(__file__, folder)
     return list(records_by_task)
+
+
+def response_bits_per_byte(doc: dict, results: list) -> dict:
+    """lm-eval `process_results` of a free-form response: its log-likelihood and its length in bytes, which the
+    `bits_per_byte` aggregation turns into -sum(log-likelihood) / sum(bytes) / ln 2 (lower is better)."""
+    ((loglikelihood, _),) = results
+    return {"bits_per_byte": (loglikelihood, len(f" {doc['output']}".encode()))}
 
 
 def _scoring(task: str, record: dict) -> dict:
@@ -166,5 +178,5 @@ def _scoring(task: str, record: dict) -> dict:
     return {
         "output_type": "loglikelihood",
         "doc_to_target": " {{output}}",
-        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}],
+        "metric_list": [{"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
     }

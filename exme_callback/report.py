@@ -112,17 +112,19 @@ class Report:
                 else []
             ),
         ]
-        columns = self.columns if len(self.columns) > 1 else []  # one metric is the selection score itself
+        # One metric is the score itself: no column of its own.
+        columns = self.columns if len(self.columns) > 1 else []
+        heldout_columns = self.heldout_columns if len(self.heldout_columns) > 1 else []
         header = ["model", "hyper-parameters", "c1", "c2", *columns, "selection", "Δ selection"]
         if heldout:
-            header += [f"held-out {c}" for c in self.heldout_columns] + ["held-out", "Δ held-out"]
+            header += [f"held-out {c}" for c in heldout_columns] + ["held-out", "Δ held-out"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
         for label, c in self.rows():
             cells = [label, _hyper(c), _number(c.c1), _number(c.c2)]
             cells += [_number(_metric(c.metrics, name)) for name in columns]
             cells += [_number(c.score), _gain(c.score, reference and reference.score, self.greater_is_better)]
             if heldout:
-                cells += [_number(_metric(c.heldout_metrics, name)) for name in self.heldout_columns]
+                cells += [_number(_metric(c.heldout_metrics, name)) for name in heldout_columns]
                 ref = reference and reference.heldout_score
                 cells += [_number(c.heldout_score), _gain(c.heldout_score, ref, self.heldout_greater_is_better)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -200,6 +202,8 @@ def _gain(value: float | None, reference: float | None, greater_is_better: bool)
 
 
 def _hyper(c: Candidate) -> str:
+    if c.kind == "sft":
+        return f"step={c.step1 if c.c1 else c.step2}"
     values = {"alpha1": c.alpha1, "alpha2": c.alpha2, "beta": c.beta, **c.hyper}
     return ", ".join(f"{name}={value:g}" for name, value in values.items() if value is not None) or "-"
 

@@ -113,10 +113,12 @@ def test_lm_eval_multiple_choice_accuracy_matches_a_direct_computation(lm_eval_t
     assert 0.0 <= metrics["toy_generate/exact_match"] <= 1.0
 
 
-def test_lm_eval_evaluator_is_repeatable_and_leaves_rng_and_mode_alone(lm_eval_tasks):
+def test_lm_eval_evaluator_is_repeatable_and_leaves_rng_mode_and_lm_eval_alone(lm_eval_tasks):
     import random
 
+    import lm_eval.api.task
     import numpy as np
+    import tqdm
     from conftest import make_llama
 
     _, evaluator = lm_eval_tasks
@@ -130,6 +132,7 @@ def test_lm_eval_evaluator_is_repeatable_and_leaves_rng_and_mode_alone(lm_eval_t
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
     assert model.training
+    assert lm_eval.api.task.tqdm is tqdm.tqdm  # its progress bar is hidden only during an evaluation
 
 
 def test_lm_eval_evaluator_errors(lm_eval_tasks):

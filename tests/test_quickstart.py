@@ -1,6 +1,7 @@
 """The quickstart (`examples/quickstart.py --smoke`) and its instruction data, end to end on a tiny model."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,27 @@ def test_load_records_splits_an_alpaca_file(tmp_path):
     path.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
     with pytest.raises(SystemExit, match="instruction.*output"):
         instruction_data.load_records(str(path), {"train": 1, "selection": 1, "heldout": 1})
+
+
+def test_free_form_responses_are_scored_in_bits_per_byte(tmp_path):
+    """`--dataset` tasks: lm-eval's score equals -sum(log p(response | prompt)) / bytes / ln 2, computed directly."""
+    records = [
+        {"instruction": "Repeat the word.", "input": "apple", "output": "apple apple"},
+        {"instruction": "Greet the reader.", "input": "", "output": "Hello there, reader!"},
+    ]
+    tasks = instruction_data.write_tasks(str(tmp_path), {"dataset": records})
+    model, tokenizer = quickstart.tiny_model([instruction_data.prompt(r) + " " + r["output"] for r in records * 20])
+    metrics = LMEvalEvaluator(tasks, tokenizer, include_path=str(tmp_path))(model)
+
+    loglikelihood, n_bytes = 0.0, 0
+    for record in records:
+        context, response = instruction_data.prompt(record), " " + record["output"]
+        whole, n_context = tokenizer(context + response).input_ids, len(tokenizer(context).input_ids)
+        with torch.no_grad():
+            logprobs = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+        loglikelihood += sum(logprobs[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
+        n_bytes += len(response.encode())
+    assert metrics == {"dataset/bits_per_byte": pytest.approx(-loglikelihood / n_bytes / math.log(2), rel=1e-5)}
 
 
 def test_missing_model_package_says_how_to_install(monkeypatch):

@@ -78,8 +78,10 @@ def test_markdown_numbers_equal_json(tmp_path):
     assert rows["Chosen (exme)"]["Δ held-out"] == "+0.0500"  # 0.70 -> 0.75, higher is better
     assert rows["SFT-1"]["Δ selection"] == "+0.0000" and rows["Base"]["Δ selection"] == "-1.5000"
     assert rows["ExMe"]["hyper-parameters"] == "alpha1=0.2, alpha2=0.4, beta=0.5"
+    assert rows["SFT-1"]["hyper-parameters"] == "step=40" and rows["SFT-2"]["hyper-parameters"] == "step=30"
     assert rows["TIES"]["hyper-parameters"] == "density=0.5" and rows["TIES"]["c1"] == "-"
     assert rows["SFT-2"]["held-out"] == "-"  # only scored rows have held-out values
+    assert "held-out acc" not in rows["Base"]  # one held-out metric is the held-out score: no column of its own
     assert data["checkpoints"] == [{"step": 40, "score": 0.5}, {"step": 30, "score": 0.6}]
     assert "non-finite score nan" in (tmp_path / "exme_report.md").read_text()
     assert (tmp_path / "exme_sweep.png").stat().st_size > 10_000
