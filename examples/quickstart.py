@@ -167,7 +167,9 @@ def main() -> None:
 
     print()
     print(exme.report.to_markdown())
-    print(f"Run folder: {args.output_dir} ({time.perf_counter() - started:.0f} s)")
+    saved = os.path.join(args.output_dir, "exme")
+    print(f"The chosen model, exme_report.md, exme_report.json and exme_sweep.png are in {saved}/")
+    print(f"Done in {time.perf_counter() - started:.0f} s.")
 
 
 if __name__ == "__main__":
