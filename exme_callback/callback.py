@@ -225,6 +225,10 @@ class ExMeCallback(TrainerCallback):
         else:
             scored = self._score(model, Candidate("sft", 1.0, 0.0, step1=step))
             metrics, score = scored.metrics, scored.score
+            if self.trainer is not None:  # the trainer logged its own evaluation; this one is the callback's
+                self.trainer.log(
+                    {"exme/checkpoint/score": score, **{f"exme/checkpoint/{k}": v for k, v in metrics.items()}}
+                )
         if step == 0:
             if self.evaluate_base:
                 self._base = Candidate("base", 0.0, 0.0, score=score, metrics=metrics)

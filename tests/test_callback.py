@@ -60,6 +60,8 @@ def test_every_candidate_is_base_plus_plane_combination(tmp_path, regression):
     scores = {step: -float(((w - TARGET) ** 2).sum()) for step, w in checkpoints.items()}
     ranked = sorted(scores, key=scores.get, reverse=True)
     assert [step1, step2] == ranked[:2] and s1 == pytest.approx(scores[step1])
+    logged = {e["step"]: e["exme/checkpoint/score"] for e in trainer.state.log_history if "exme/checkpoint/score" in e}
+    assert logged == pytest.approx(scores)  # every checkpoint's score is logged
 
     d1, d2 = checkpoints[step1] - base, checkpoints[step2] - base
     candidates = report.candidates
