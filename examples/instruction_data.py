@@ -58,6 +58,8 @@ def sequence(rng: random.Random) -> dict:
     }
 
 
+MAX_RESPONSE_CHARS = 400  # free-form responses are scored on their first 400 characters (about 100 tokens)
+
 SKILLS = {"arithmetic": arithmetic, "comparison": comparison, "alphabetical": alphabetical, "sequence": sequence}
 
 
@@ -136,7 +138,7 @@ def write_tasks(folder: str, records_by_task: dict[str, list[dict]]) -> list[str
     for task, records in records_by_task.items():
         data = os.path.abspath(os.path.join(folder, f"{task}.jsonl"))
         with open(data, "w") as f:
-            f.writelines(json.dumps({**r, "prompt": prompt(r)}) + "\n" for r in records)
+            f.writelines(json.dumps({**r, "prompt": prompt(r), "target": _target(task, r)}) + "\n" for r in records)
         config = {
             "task": task,
             "dataset_path": "json",
@@ -157,7 +159,17 @@ def response_bits_per_byte(doc: dict, results: list) -> dict:
     """lm-eval `process_results` of a free-form response: its log-likelihood and its length in bytes, which the
     `bits_per_byte` aggregation turns into -sum(log-likelihood) / sum(bytes) / ln 2 (lower is better)."""
     ((loglikelihood, _),) = results
-    return {"bits_per_byte": (loglikelihood, len(f" {doc['output']}".encode()))}
+    return {"bits_per_byte": (loglikelihood, len(doc["target"].encode()))}
+
+
+def _target(task: str, record: dict) -> str:
+    """The continuation lm-eval scores. A free-form response is cut after `MAX_RESPONSE_CHARS` (at a word), which
+    keeps evaluation affordable on a CPU and close to what training sees (`max_length` tokens in all)."""
+    target = f" {record['output']}"
+    if task in SKILLS or len(target) <= MAX_RESPONSE_CHARS:
+        return target
+    cut = target.rfind(" ", 1, MAX_RESPONSE_CHARS + 1)
+    return target[: cut if cut > 0 else MAX_RESPONSE_CHARS]
 
 
 def _scoring(task: str, record: dict) -> dict:
@@ -171,12 +183,12 @@ def _scoring(task: str, record: dict) -> dict:
     if task in SKILLS:
         return {
             "output_type": "generate_until",
-            "doc_to_target": " {{output}}",
+            "doc_to_target": "{{target}}",
             "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         }
     return {
         "output_type": "loglikelihood",
-        "doc_to_target": " {{output}}",
+        "doc_to_target": "{{target}}",
         "metric_list": [{"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
     }

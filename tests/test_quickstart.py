@@ -90,6 +90,18 @@ def test_free_form_responses_are_scored_in_bits_per_byte(tmp_path):
     assert metrics == {"dataset/bits_per_byte": pytest.approx(-loglikelihood / n_bytes / math.log(2), rel=1e-5)}
 
 
+def test_long_responses_are_scored_on_their_first_words(tmp_path):
+    words = " ".join(f"word{i}" for i in range(200))  # about 1,400 characters
+    records = [
+        {"instruction": "Count.", "input": "", "output": words},
+        {"instruction": "Add.", "input": "", "output": "x" * 500},
+    ]
+    instruction_data.write_tasks(str(tmp_path), {"dataset": records})
+    long, unbroken = [json.loads(line)["target"] for line in (tmp_path / "dataset.jsonl").read_text().splitlines()]
+    assert len(long) <= instruction_data.MAX_RESPONSE_CHARS and (" " + words).startswith(long + " ")
+    assert unbroken == " " + "x" * (instruction_data.MAX_RESPONSE_CHARS - 1)
+
+
 def test_missing_model_package_says_how_to_install(monkeypatch):
     def not_installed(name):
         raise quickstart.importlib.metadata.PackageNotFoundError(name)
