@@ -204,6 +204,7 @@ class LMEvalEvaluator:
     The task manager and the tasks are built once, at construction; every call wraps the live model in lm-eval's
     `HFLM` (once per model object) and evaluates the same task objects. Global RNGs are seeded the same way for every
     call, so every candidate sees the same few-shot examples, and put back afterwards, so training is not disturbed.
+    lm-eval's progress bars are hidden: they would print once per candidate.
 
     The metrics are named `"{task}/{metric}"` (`"{task}/{metric},{filter}"` for filters other than `"none"`), and
     `directions` tells each one's direction (lm-eval's `higher_is_better`). Used as the callback's evaluator with
