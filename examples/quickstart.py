@@ -97,9 +97,10 @@ def load_model(args: argparse.Namespace, splits: dict[str, dict[str, list[dict]]
 
 
 def tiny_model(texts: list[str]):
-    """A small Llama from a config, with a byte-level BPE tokenizer trained on `texts` in-process (for --smoke)."""
+    """toy.py's small Llama, with a byte-level BPE tokenizer trained on `texts` in-process (for --smoke)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from toy import make_model
+    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -109,18 +110,7 @@ def tiny_model(texts: list[str]):
     )
     backend.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config), tokenizer
+    return make_model(tokenizer), tokenizer
 
 
 def main() -> None:

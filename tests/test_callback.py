@@ -34,10 +34,14 @@ class RecordingEvaluator:
         return {"closeness": -float(((w - TARGET) ** 2).sum())}
 
 
-def train(tmp_path, regression, callback_kwargs=None, evaluator=None, **args):
+def train(tmp_path, regression, callback_kwargs=None, evaluator=None, callbacks=None, **args):
     model, train_data, eval_data = regression
     trainer = Trainer(
-        model=model, args=regression_args(tmp_path, **args), train_dataset=train_data, eval_dataset=eval_data
+        model=model,
+        args=regression_args(tmp_path, **args),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        callbacks=callbacks,
     )
     callback = ExMeCallback(trainer, evaluator=evaluator, **(callback_kwargs or {}))
     trainer.add_callback(callback)
@@ -287,6 +291,15 @@ def test_plain_callback_list_with_evaluator(tmp_path, regression):
     assert os.path.exists(tmp_path / "exme" / "model.safetensors")
 
 
+class TrainedWeights(TrainerCallback):
+    """Records the weights as training left them (it runs before ExMeCallback's `on_train_end`)."""
+
+    weights = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.weights = weights(model)
+
+
 class FailingEvaluator(RecordingEvaluator):
     """Raises `error` at its `fail_at`-th call (the base and checkpoints count too)."""
 
@@ -306,26 +319,11 @@ def test_failure_during_the_sweep_restores_weights_and_reports(tmp_path, regress
     earlier.mkdir()
     (earlier / "exme_report.json").write_text('{"earlier": true}')
     evaluator = FailingEvaluator(fail_at=1 + 4 + 3, error=error)  # base, checkpoints, 3rd EXPO
-    model = regression[0]
-    trainer_holder = {}
-
-    class Capture(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            trainer_holder["trained"] = weights(model)
-
+    trained = TrainedWeights()
     with pytest.raises(type(error)):
-        model_, train_data, eval_data = regression
-        trainer = Trainer(
-            model=model,
-            args=regression_args(tmp_path),
-            train_dataset=train_data,
-            eval_dataset=eval_data,
-            callbacks=[Capture()],
-        )
-        trainer.add_callback(ExMeCallback(trainer, evaluator=evaluator, metrics={"closeness": "max"}))
-        trainer.train()
+        train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator, callbacks=[trained])
 
-    assert torch.equal(weights(model), trainer_holder["trained"])
+    assert torch.equal(weights(regression[0]), trained.weights)
     assert json.loads((earlier / "exme_report.json").read_text()) == {"earlier": True}  # untouched
     failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
     assert failed["error"].startswith(type(error).__name__) and failed["final"] is None
@@ -343,25 +341,10 @@ def test_full_disk_while_saving_keeps_earlier_result(tmp_path, regression, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Trainer, "save_model", full_disk)
-    model = regression[0]
-    trained = {}
-
-    class Capture(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            trained["weights"] = weights(model)
-
-    model_, train_data, eval_data = regression
-    trainer = Trainer(
-        model=model,
-        args=regression_args(tmp_path),
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        callbacks=[Capture()],
-    )
-    trainer.add_callback(ExMeCallback(trainer))
+    trained = TrainedWeights()
     with pytest.raises(OSError, match="No space left"):
-        trainer.train()
-    assert torch.equal(weights(model), trained["weights"])
+        train(tmp_path, regression, callbacks=[trained])
+    assert torch.equal(weights(regression[0]), trained.weights)
     assert (earlier / "model.safetensors").read_text() == "earlier"
     assert not os.path.exists(tmp_path / "exme.incomplete")
     failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())

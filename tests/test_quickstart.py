@@ -148,3 +148,12 @@ def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
     for model in saved:
         with torch.no_grad():
             assert heldout(model) == pytest.approx(final["heldout_metrics"])
+
+    # The saves are one model (adapter and fused agree), and it is not the base model.
+    batch = tokenizer(["Instruction: Add the two numbers.\nInput: 123 + 456\nResponse: 579"], return_tensors="pt")
+    untrained, _ = quickstart.load_model(args, quickstart.load_splits(args))
+    with torch.no_grad():
+        logits = [model(**batch).logits for model in saved]
+        assert not torch.allclose(logits[0], untrained(**batch).logits, atol=1e-4)
+        for other in logits[1:]:
+            torch.testing.assert_close(other, logits[0], rtol=1e-4, atol=1e-5)
