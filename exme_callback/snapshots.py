@@ -96,7 +96,11 @@ class SnapshotStore:
             _link_or_copy(path, os.path.join(directory, os.path.basename(path)))
 
     def import_(self, key: str, directory: str) -> None:
-        """Take snapshot `key` from files written by `export` (the files are linked, never moved)."""
+        """Take snapshot `key` from files written by `export`.
+
+        The files are linked into the store's directory (never moved) and count as exported, so exporting the
+        snapshot again (into the next checkpoint, after a resume) links them instead of writing them again.
+        """
         paths = sorted(
             os.path.join(directory, name)
             for name in os.listdir(directory)
@@ -104,18 +108,23 @@ class SnapshotStore:
         )
         if not paths:
             raise FileNotFoundError(f"No snapshot {key!r} in {directory}")
+        self.delete(key)
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            linked = [os.path.join(self.directory, os.path.basename(path)) for path in paths]
+            for source, destination in zip(paths, linked):
+                _link_or_copy(source, destination)
+            paths = linked
         index = {}
         for path in paths:
             with safe_open(path, framework="pt", device="cpu") as f:
                 index.update(dict.fromkeys(f.keys(), path))
-        if self.storage == "cpu":
-            self.save(key, _SafetensorsMapping(index))
-        else:
-            self.delete(key)
-            os.makedirs(self.directory, exist_ok=True)
-            for path in paths:
-                _link_or_copy(path, os.path.join(self.directory, os.path.basename(path)))
-            self._files[key] = {name: os.path.join(self.directory, os.path.basename(p)) for name, p in index.items()}
+        if self.storage == "disk":
+            self._files[key] = index
+            return
+        self.save(key, _SafetensorsMapping(index))
+        if self.directory is not None:
+            self._exported[key] = index
 
     def clear(self) -> None:
         for key in {*self.keys(), *self._exported}:

@@ -51,6 +51,24 @@ def test_disk_equals_cpu_and_nbytes(tmp_path):
     assert disk.nbytes() >= cpu.nbytes()
 
 
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_import_takes_exported_files_and_exports_them_without_rewriting(tmp_path, storage):
+    data = tensors()
+    first = SnapshotStore(storage, tmp_path / "first")
+    first.save("base", data)
+    first.export("base", tmp_path / "checkpoint-1")
+    (exported,) = os.listdir(tmp_path / "checkpoint-1")
+
+    resumed = SnapshotStore(storage, tmp_path / "resumed")
+    resumed.import_("base", tmp_path / "checkpoint-1")
+    for name, value in data.items():
+        assert torch.equal(resumed.load("base")[name], value)
+    resumed.export("base", tmp_path / "checkpoint-2")
+    assert os.path.samefile(tmp_path / "checkpoint-2" / exported, tmp_path / "checkpoint-1" / exported)  # linked
+    resumed.delete("base")
+    assert os.listdir(tmp_path / "resumed") == [] and os.path.exists(tmp_path / "checkpoint-2" / exported)
+
+
 def test_disk_snapshots_are_sharded_and_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr("exme_callback.snapshots._SHARD_BYTES", 16)
     store = SnapshotStore("disk", tmp_path / "s")
