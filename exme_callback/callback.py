@@ -577,10 +577,6 @@ class ExMeCallback(TrainerCallback):
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
-    """Whether the model holds quantized weights (bitsandbytes, GPTQ, AWQ, ... through transformers)."""
-    for module in (model, getattr(model, "get_base_model", lambda: None)()):
-        if module is not None and (
-            getattr(module, "is_quantized", False) or getattr(module, "is_loaded_in_4bit", False)
-        ):
-            return True
-    return any(not p.is_floating_point() for p in model.parameters())
+    """Whether the model holds quantized weights (bitsandbytes, GPTQ, AWQ, ... through transformers; a `PeftModel`
+    answers `is_quantized` for its base model)."""
+    return getattr(model, "is_quantized", False) or any(not p.is_floating_point() for p in model.parameters())

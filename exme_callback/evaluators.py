@@ -297,7 +297,6 @@ class LMEvalEvaluator:
                     log_samples=False,
                     apply_chat_template=self.apply_chat_template,
                     fewshot_as_multiturn=self.apply_chat_template,
-                    verbosity="WARNING",
                 )
         finally:
             model.train(was_training)
