@@ -27,6 +27,7 @@ from .search import (
     Candidate,
     Checkpoint,
     best,
+    count_baselines,
     count_candidates,
     is_better,
     sweep,
@@ -339,9 +340,9 @@ class ExMeCallback(TrainerCallback):
                 self.objective.greater_is_better,
                 results=report.candidates,
             )
-            if self.baselines and len(steps) == 2:
+            if self.baselines:
                 densities = DEFAULT_DENSITIES if isinstance(plane, DensePlane) else ()
-                progress.total += len(self.betas) + len(OFF_PLANE) * len(densities)
+                progress.total += count_baselines(len(steps), self.betas, densities)
                 sweep_baselines(score, self._kept, self.betas, densities, results=report.candidates)
             # 2. The choice.
             report.final = self._choose(report.candidates)

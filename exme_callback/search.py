@@ -121,6 +121,11 @@ def count_candidates(n_checkpoints: int, alphas: Sequence[float], betas: Sequenc
     return n_checkpoints * len(alphas) + (len(betas) if n_checkpoints == 2 else 0)
 
 
+def count_baselines(n_checkpoints: int, lambdas: Sequence[float], densities: Sequence[float]) -> int:
+    """How many evaluations `sweep_baselines` runs."""
+    return len(lambdas) + len(OFF_PLANE) * len(densities) if n_checkpoints == 2 else 0
+
+
 def sweep_baselines(
     score: Callable[[Candidate], Candidate],
     checkpoints: Sequence[Checkpoint],

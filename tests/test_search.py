@@ -6,10 +6,12 @@ from exme_callback.search import (
     Candidate,
     Checkpoint,
     best,
+    count_baselines,
     count_candidates,
     exme_coefficients,
     is_better,
     sweep,
+    sweep_baselines,
     validate_grid,
 )
 
@@ -55,6 +57,15 @@ def test_sweep_with_one_checkpoint_is_expo_only():
     assert [c.kind for c in results] == ["sft", "expo"] and results[0].score == -0.5
     assert count_candidates(1, (0.2,), (0.5,)) == len(calls)
     assert count_candidates(2, (0.1, 0.2), (0.5,) * 3) == 7
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_baselines_on_their_grids_and_counted(n):
+    results = sweep_baselines(lambda c: c, checkpoints()[:n], lambdas=(0.25, 0.75), densities=(0.5,))
+    assert len(results) == count_baselines(n, (0.25, 0.75), (0.5,)) == (0 if n == 1 else 4)
+    if n == 2:
+        assert [(c.kind, c.c1, c.c2) for c in results[:2]] == [("weighted", 0.25, 0.75), ("weighted", 0.75, 0.25)]
+        assert [(c.kind, c.hyper) for c in results[2:]] == [("ties", {"density": 0.5}), ("dare", {"density": 0.5})]
 
 
 def test_non_finite_alpha_scores_fall_back_to_the_checkpoint():
