@@ -1,13 +1,13 @@
-"""Pure tensor arithmetic on the ExMe plane.
+"""Pure tensor arithmetic on the span of the kept checkpoints.
 
-Every model that Extrapolation Merging looks at is a point of one plane spanned by two task vectors
-``d1 = sft1 - base`` and ``d2 = sft2 - base``:
+Every model that Extrapolation Merging (and the other methods of the project) looks at is a point of the span of
+the task vectors `d_i = theta_i - base` of the kept checkpoints:
 
 ```
-theta(c1, c2) = base + c1 * d1 + c2 * d2
+theta(c) = base + c_1 * d_1 + ... + c_k * d_k
 ```
 
-| model                                  | c1                     | c2                           |
+| model (k = 2)                          | c1                     | c2                           |
 |----------------------------------------|------------------------|------------------------------|
 | base                                   | 0                      | 0                            |
 | SFT-1, SFT-2                           | 1, 0                   | 0, 1                         |
@@ -16,18 +16,64 @@ theta(c1, c2) = base + c1 * d1 + c2 * d2
 | weighted merge of SFT-1, SFT-2         | lambda                 | 1 - lambda                   |
 
 This module only knows tensors: no `transformers`, no models. State dicts are any `Mapping[str, torch.Tensor]`
-(a lazy on-disk mapping works as well as a `dict`), matched by name.
+(a lazy on-disk mapping works as well as a `dict`), matched by name. It also defines the `Plane` interface that
+the dense plane here and the LoRA plane (`lora.py`) implement: the live model made to compute a candidate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["DensePlane", "combine", "combine_tensor", "extrapolate", "interpolate", "merge_task_vectors"]
+__all__ = [
+    "DensePlane",
+    "Plane",
+    "TaskVectorMerge",
+    "combine",
+    "combine_tensor",
+    "extrapolate",
+    "interpolate",
+    "merge_task_vectors",
+    "span_point",
+]
 
 StateDict = Mapping[str, torch.Tensor]
+
+
+def span_tensor(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`base + sum_i coefficients[i] * (tensors[i] - base)` for one floating-point tensor.
+
+    The sum is computed on the device of `out` (of `base` when `out` is `None`) in float32, or float64 when an input
+    is float64, and rounded once to the dtype of `out` (of `base`). A coefficient of exactly zero skips its term, so
+    the point `(1, 0, ...)` reproduces `tensors[0]` bit for bit.
+
+    Args:
+        base (`torch.Tensor`): the tensor of the base model.
+        tensors (`Sequence[torch.Tensor]`): the same tensor in each kept checkpoint.
+        coefficients (`Sequence[float]`): one coefficient per checkpoint.
+        out (`torch.Tensor`, *optional*): written in place and returned when given.
+
+    Returns:
+        `torch.Tensor`: `out`, or a new tensor of `base`'s dtype and device.
+    """
+    target = base if out is None else out
+    dtypes = {base.dtype, target.dtype, *(t.dtype for t in tensors)}
+    wide = torch.float64 if torch.float64 in dtypes else torch.float32
+    b = base.to(device=target.device, dtype=wide)  # may alias `base`: only read
+    result = b.clone()
+    for coefficient, tensor in zip(coefficients, tensors, strict=True):
+        if coefficient != 0.0:
+            result.add_(tensor.to(device=target.device, dtype=wide).sub(b), alpha=coefficient)
+    if out is None:
+        return result.to(base.dtype)
+    return out.copy_(result)
 
 
 def combine_tensor(
@@ -38,33 +84,60 @@ def combine_tensor(
     c2: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`base + c1 * (sft1 - base) + c2 * (sft2 - base)` for one floating-point tensor.
+    """`base + c1 * (sft1 - base) + c2 * (sft2 - base)` for one floating-point tensor: `span_tensor` with two
+    checkpoints (same precision rules)."""
+    return span_tensor(base, (sft1, sft2), (c1, c2), out=out)
 
-    The sum is computed on the device of `out` (of `base` when `out` is `None`) in float32, or float64 for float64
-    inputs, and rounded once to the dtype of `out` (of `base`). A coefficient of exactly zero skips its term, so
-    `combine_tensor(b, t, t, 1.0, 0.0)` reproduces `t` bit for bit.
+
+def span_point(
+    base: StateDict,
+    checkpoints: Sequence[StateDict],
+    coefficients: Sequence[float],
+    out: MutableMapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The point `coefficients` of the span of the checkpoints' task vectors, tensor by tensor.
+
+    ```
+    theta[name] = base[name] + sum_i coefficients[i] * (checkpoints[i][name] - base[name])
+    ```
+
+    Floating-point tensors are computed in float32 (float64 when an input is float64) and rounded once to their
+    own dtype. Non-floating tensors (integer or boolean buffers) are copied from the first checkpoint, never
+    blended.
 
     Args:
-        base (`torch.Tensor`): the tensor of the base model.
-        sft1 (`torch.Tensor`): the same tensor in the first fine-tuned model.
-        sft2 (`torch.Tensor`): the same tensor in the second fine-tuned model.
-        c1 (`float`): the coefficient of `sft1 - base`.
-        c2 (`float`): the coefficient of `sft2 - base`.
-        out (`torch.Tensor`, *optional*): written in place and returned when given.
+        base (`Mapping[str, torch.Tensor]`): the base model's tensors; its names are the names combined.
+        checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): the kept checkpoints' tensors.
+        coefficients (`Sequence[float]`): one coefficient per checkpoint.
+        out (`MutableMapping[str, torch.Tensor]`, *optional*): tensors written in place (for example a live model's
+            parameters); each keeps its own dtype and device. When `None`, new tensors are returned.
 
     Returns:
-        `torch.Tensor`: `out`, or a new tensor of `base`'s dtype and device.
+        `dict[str, torch.Tensor]`: the combined tensors (the tensors of `out` when it is given).
+
+    Raises:
+        `KeyError`: a name of `base` is missing from a checkpoint or from `out`.
+        `ValueError`: a tensor's shape differs between the inputs, or the coefficients do not match the checkpoints.
     """
-    target = base if out is None else out
-    wide = torch.float64 if torch.float64 in (base.dtype, sft1.dtype, sft2.dtype, target.dtype) else torch.float32
-    b = base.to(device=target.device, dtype=wide)  # may alias `base`: only read
-    result = b.clone()
-    for coefficient, tensor in ((c1, sft1), (c2, sft2)):
-        if coefficient != 0.0:
-            result.add_(tensor.to(device=target.device, dtype=wide).sub(b), alpha=coefficient)
-    if out is None:
-        return result.to(base.dtype)
-    return out.copy_(result)
+    if len(coefficients) != len(checkpoints) or not checkpoints:
+        raise ValueError(
+            f"`coefficients` must have one entry per checkpoint ({len(checkpoints)}), got {tuple(coefficients)}"
+        )
+    labels = ["sft1", "sft2"] if len(checkpoints) == 2 else [f"checkpoints[{i}]" for i in range(len(checkpoints))]
+    result: dict[str, torch.Tensor] = {}
+    for name, b in base.items():
+        tensors = [_lookup(c, label, name) for c, label in zip(checkpoints, labels)]
+        target = _lookup(out, "out", name) if out is not None else None
+        for label, tensor in (*zip(labels, tensors), ("out", target)):
+            if tensor is not None and tensor.shape != b.shape:
+                raise ValueError(
+                    f"Tensor `{name}` has shape {tuple(tensor.shape)} in `{label}` but {tuple(b.shape)} in `base`."
+                )
+        if not b.is_floating_point():
+            result[name] = tensors[0].clone() if target is None else target.copy_(tensors[0])
+        else:
+            result[name] = span_tensor(b, tensors, coefficients, out=target)
+    return result
 
 
 def combine(
@@ -75,7 +148,7 @@ def combine(
     c2: float,
     out: MutableMapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The point `(c1, c2)` of the ExMe plane, tensor by tensor.
+    """The point `(c1, c2)` of the ExMe plane, tensor by tensor: `span_point(base, [sft1, sft2], [c1, c2])`.
 
     ```
     theta[name] = base[name] + c1 * (sft1[name] - base[name]) + c2 * (sft2[name] - base[name])
@@ -110,20 +183,7 @@ def combine(
     tensor([2.4000])
     ```
     """
-    result: dict[str, torch.Tensor] = {}
-    for name, b in base.items():
-        t1, t2 = _lookup(sft1, "sft1", name), _lookup(sft2, "sft2", name)
-        target = _lookup(out, "out", name) if out is not None else None
-        for label, tensor in (("sft1", t1), ("sft2", t2), ("out", target)):
-            if tensor is not None and tensor.shape != b.shape:
-                raise ValueError(
-                    f"Tensor `{name}` has shape {tuple(tensor.shape)} in `{label}` but {tuple(b.shape)} in `base`."
-                )
-        if not b.is_floating_point():
-            result[name] = t1.clone() if target is None else target.copy_(t1)
-        else:
-            result[name] = combine_tensor(b, t1, t2, c1, c2, out=target)
-    return result
+    return span_point(base, (sft1, sft2), (c1, c2), out=out)
 
 
 def extrapolate(base: StateDict, sft: StateDict, alpha: float, out=None) -> dict[str, torch.Tensor]:
@@ -150,28 +210,32 @@ def interpolate(model1: StateDict, model2: StateDict, weight: float, out=None) -
     return combine(model1, model1, model2, 0.0, 1.0 - weight, out=out)
 
 
+TaskVectorMerge = Callable[[list[torch.Tensor]], torch.Tensor]
+"""A merge off the span: the task vectors `[d_1, ..., d_k]` of one tensor (float32) -> the merged task vector."""
+
+
 def merge_task_vectors(
     base: StateDict,
-    sft1: StateDict,
-    sft2: StateDict,
-    merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    checkpoints: Sequence[StateDict],
+    merge: TaskVectorMerge,
     out: MutableMapping[str, torch.Tensor],
 ) -> None:
-    """`out[name] = base[name] + merge(d1, d2)` with `d_i = sft_i[name] - base[name]`, for merges off the plane.
+    """`out[name] = base[name] + merge([d_1, ..., d_k])` with `d_i = checkpoints[i][name] - base[name]`, for merges
+    off the span.
 
-    Used for TIES and DARE (for example `lambda d1, d2: peft.utils.merge_utils.ties([d1, d2], weights, density)`).
-    Computed like `combine`: in float32 (float64 for float64 tensors) on `out`'s device, rounded once; non-floating
-    tensors are copied from `sft1`.
+    Used for TIES and DARE (for example `lambda ds: peft.utils.merge_utils.ties(ds, weights, density)`). Computed
+    like `span_point`: in float32 (float64 for float64 tensors) on `out`'s device, rounded once; non-floating
+    tensors are copied from the first checkpoint.
     """
     for name, b in base.items():
         target = _lookup(out, "out", name)
         if not b.is_floating_point():
-            target.copy_(sft1[name])
+            target.copy_(checkpoints[0][name])
             continue
         wide = torch.float64 if b.dtype == torch.float64 else torch.float32
         b = b.to(device=target.device, dtype=wide)
-        d1, d2 = (t[name].to(device=target.device, dtype=wide) - b for t in (sft1, sft2))
-        target.copy_(b + merge(d1, d2))
+        deltas = [c[name].to(device=target.device, dtype=wide) - b for c in checkpoints]
+        target.copy_(b + merge(deltas))
 
 
 def _lookup(tensors: StateDict | None, label: str, name: str) -> torch.Tensor:
@@ -183,27 +247,66 @@ def _lookup(tensors: StateDict | None, label: str, name: str) -> torch.Tensor:
         ) from None
 
 
-class DensePlane:
-    """The plane written into live tensors (a model's parameters): full fine-tuning's candidates.
+Point = Sequence[float] | TaskVectorMerge
+"""What a plane applies: a coefficient vector `(c_1, ..., c_k)`, or a merge of the task vectors off the span."""
 
-    `apply(c1, c2)` sets every live tensor to `theta(c1, c2)`, one tensor at a time; `close()` copies `trained`
-    back, bit for bit (`close(keep=True)` leaves the last candidate in place).
+
+@runtime_checkable
+class Plane(Protocol):
+    """The live model made to compute candidates: what the sweep needs from full fine-tuning (`DensePlane`) and
+    from LoRA and DoRA runs (`lora.LoraPlane`) alike.
+
+    - `apply(point)`: make the live model compute `base + sum_i c_i * d_i` for a coefficient vector, or
+      `base + merge([d_1, ..., d_k])` for a `TaskVectorMerge` (TIES, DARE);
+    - `save(folder)`: save the model it computes now; returns what was written (`{"model": folder}`, or
+      `{"adapter": folder, "merged": ...}`), by kind;
+    - `close(keep=False)`: put the trained weights back, bit for bit (`keep=True` leaves the last candidate).
+    """
+
+    def apply(self, point: Point) -> None: ...
+
+    def save(self, folder: str) -> dict[str, str]: ...
+
+    def close(self, keep: bool = False) -> None: ...
+
+
+class DensePlane:
+    """The span written into live tensors (a model's parameters): full fine-tuning's candidates.
+
+    `apply(c)` sets every live tensor to `theta(c)`, one tensor at a time; `save(folder)` calls `save_model`;
+    `close()` copies `trained` back, bit for bit (`close(keep=True)` leaves the last candidate in place).
 
     Args:
         live (`MutableMapping[str, torch.Tensor]`): the tensors written in place.
-        base, sft1, sft2 (`Mapping[str, torch.Tensor]`): the plane's three points.
+        base (`Mapping[str, torch.Tensor]`): the base model's tensors.
+        checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): the kept checkpoints' tensors, best first.
         trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
+        save_model (`Callable[[str], None]`, *optional*): saves the live model into a folder (for example
+            `model.save_pretrained`, or `trainer.save_model`).
     """
 
-    def __init__(self, live, base: StateDict, sft1: StateDict, sft2: StateDict, trained: StateDict):
-        self.live, self.base, self.sft1, self.sft2, self.trained = live, base, sft1, sft2, trained
+    def __init__(
+        self,
+        live: MutableMapping[str, torch.Tensor],
+        base: StateDict,
+        checkpoints: Sequence[StateDict],
+        trained: StateDict,
+        save_model: Callable[[str], None] | None = None,
+    ):
+        self.live, self.base, self.checkpoints, self.trained = live, base, list(checkpoints), trained
+        self.save_model = save_model
 
-    def apply(self, c1: float, c2: float) -> None:
-        combine(self.base, self.sft1, self.sft2, c1, c2, out=self.live)
+    def apply(self, point: Point) -> None:
+        if callable(point):
+            merge_task_vectors(self.base, self.checkpoints, point, out=self.live)
+        else:
+            span_point(self.base, self.checkpoints, point, out=self.live)
 
-    def apply_merge(self, merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """Set every live tensor to `base + merge(d1, d2)` (see `merge_task_vectors`)."""
-        merge_task_vectors(self.base, self.sft1, self.sft2, merge, out=self.live)
+    def save(self, folder: str) -> dict[str, str]:
+        if self.save_model is None:
+            raise ValueError("This `DensePlane` was built without `save_model`: it cannot save the model.")
+        self.save_model(folder)
+        return {"model": folder}
 
     def close(self, keep: bool = False) -> None:
         if not keep:

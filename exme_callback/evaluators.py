@@ -17,16 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
 import torch
 
-__all__ = ["Evaluator", "LMEvalEvaluator", "Objective", "TrainerEvaluator", "preserved_rng"]
+__all__ = [
+    "Evaluator",
+    "LMEvalEvaluator",
+    "LossEvaluator",
+    "Objective",
+    "Scorer",
+    "TrainerEvaluator",
+    "preserved_rng",
+    "quiet_peft_save",
+]
 
 Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
 _DIRECTIONS = {"max": True, "min": False, True: True, False: False}
@@ -148,6 +160,54 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 _TIMINGS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+
+
+class Scorer:
+    """An evaluator and the objective that makes its metrics one score: the one place metrics become a score.
+
+    Calling it evaluates the live model (with the trainer's callbacks muted, the model's training mode restored)
+    and returns the score and the real-valued metrics. Errors name the evaluator (`name`) and the missing metric.
+
+    Args:
+        evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`): scores a model.
+        objective (`Objective`): metrics -> score.
+        name (`str`, *optional*, defaults to `"evaluator"`): the evaluator's name in error messages.
+        trainer (`transformers.Trainer`, *optional*): muted while the evaluator runs (no callbacks, no logs).
+    """
+
+    def __init__(self, evaluator: Evaluator, objective: Objective, name: str = "evaluator", trainer=None):
+        self.evaluator, self.objective, self.name, self.trainer = evaluator, objective, name, trainer
+
+    def score(self, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
+        """The score of an evaluation's metrics, and the metrics kept for the report."""
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"`{self.name}` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+        try:
+            return self.objective(metrics), numeric_metrics(metrics)
+        except KeyError as error:
+            raise KeyError(f"ExMe: {error.args[0]}") from None
+
+    def __call__(self, model: torch.nn.Module) -> tuple[float, dict[str, float]]:
+        """Evaluate the live model: `(score, metrics)`."""
+        was_training = model.training
+        try:
+            with muted(self.trainer) if self.trainer is not None else contextlib.nullcontext():
+                metrics = self.evaluator(model)
+        finally:
+            model.train(was_training)
+        return self.score(metrics)
+
+    def score_into(self, model: torch.nn.Module, candidate, heldout: bool = False):
+        """Evaluate the live model into `candidate`'s selection fields (its held-out ones with `heldout=True`); a
+        non-finite selection score marks the candidate as not choosable."""
+        score, metrics = self(model)
+        if heldout:
+            candidate.heldout_score, candidate.heldout_metrics = score, metrics
+        else:
+            candidate.score, candidate.metrics = score, metrics
+            if not math.isfinite(score):
+                candidate.error = f"non-finite score {score}"
+        return candidate
 
 
 def _default_direction(name: str) -> bool:
@@ -285,7 +345,8 @@ class LMEvalEvaluator:
             raise ValueError("`LMEvalEvaluator` needs the model's `tokenizer`.")
         was_training = model.training
         if self._lm is None or self._lm.model is not model:
-            self._lm = _quiet_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+            with _without_live_model_warnings():
+                self._lm = _quiet_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
         model.eval()
         try:
             with preserved_rng(self.seed), torch.no_grad(), _without_task_progress_bars():
@@ -345,6 +406,37 @@ def _quiet_hflm_class():
     return QuietHFLM
 
 
+# What lm-eval's `HFLM` logs whenever it wraps a model object instead of loading a name: advice about `accelerate
+# launch` and `parallelize=True`, which the evaluator never uses, once per wrapped model.
+_HFLM_LOGGER = "lm_eval.models.huggingface"
+_HFLM_LIVE_MODEL_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`. Many other model arguments may be ignored.",
+    "Passed an already-initialized model through `pretrained`, assuming single-process call to evaluate()",
+)
+
+
+class _DropWarnings(logging.Filter):
+    """Drop the warning records whose message starts with one of `prefixes`; let everything else through."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and record.getMessage().startswith(self.prefixes))
+
+
+@contextlib.contextmanager
+def _without_live_model_warnings() -> Iterator[None]:
+    """Hide `HFLM`'s warnings about being given a live model (see `_HFLM_LIVE_MODEL_WARNINGS`) during a block."""
+    logger, drop = logging.getLogger(_HFLM_LOGGER), _DropWarnings(_HFLM_LIVE_MODEL_WARNINGS)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _metric_name(task: str, metric: str, filter_name: str) -> str:
     return f"{task}/{metric}" if filter_name in ("none", "") else f"{task}/{metric},{filter_name}"
 
@@ -366,3 +458,224 @@ def preserved_rng(seed: int | None = None) -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+# The record formats of `LossEvaluator` (TRL's dataset formats), by the fields that name them.
+_LOSS_FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
+
+
+class LossEvaluator:
+    r"""The mean token loss of a causal language model on local data, as `{"eval_loss": float}` (lower is better).
+
+    The loss is token-weighted over the whole data set (not a mean of per-batch or per-record means):
+
+    $$
+    \mathrm{eval\_loss} = \frac{\sum_r \sum_{t \in T_r} -\log p_\theta(x_{r,t} \mid x_{r,<t})}{\sum_r |T_r|}
+    $$
+
+    where $x_r$ are the tokens of record $r$ and $T_r$ its scored positions (never the first token, which has no
+    context). Records come in one of TRL's dataset formats, the same for all records:
+
+    - `{"text": str}`: every token is scored.
+    - `{"prompt": str, "completion": str}`: only the completion's tokens are scored, like TRL's completion-only
+      loss. The record is tokenized as `prompt + completion`; its first `len(tokenizer(prompt))` tokens are the
+      prompt's, and their labels are -100.
+    - `{"messages": [{"role": ..., "content": ...}, ...]}`: rendered with `tokenizer.apply_chat_template`; every
+      token is scored.
+
+    Text and prompt-completion records get the tokenizer's end-of-sequence token when they do not end with it
+    already; every record is then cut to `max_length` tokens. The data is tokenized once, at construction. Each call
+    runs the model in eval mode under `torch.no_grad()` on its own device, in right-padded batches with attention
+    masks, sums the cross-entropy of each batch in float32 and accumulates the sums in float64; the model's training
+    mode is put back afterwards.
+
+    Args:
+        records_or_path (`str`, `os.PathLike` or `Sequence[Mapping[str, Any]]`): a JSON Lines file (one record per
+            line; blank lines are skipped), or the records themselves.
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
+        batch_size (`int`, *optional*, defaults to 8): records per forward pass.
+        max_length (`int`, *optional*, defaults to 1024): the most tokens kept of each record.
+
+    Raises:
+        `FileNotFoundError`: the file does not exist.
+        `ValueError`: the file is empty, a line is not JSON, a record has none of the fields above (or several
+            formats' fields), or the records mix formats; the message names the file and the line.
+
+    Example:
+
+    ```python
+    >>> evaluator = LossEvaluator("heldout.jsonl", tokenizer, batch_size=16)
+    >>> evaluator(model)
+    {'eval_loss': 2.318}
+    >>> trainer.add_callback(ExMeCallback(trainer, evaluator=evaluator))
+    ```
+    """
+
+    def __init__(
+        self,
+        records_or_path: str | os.PathLike | Sequence[Mapping[str, Any]],
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        max_length: int = 1024,
+    ):
+        if tokenizer is None:
+            raise ValueError("`tokenizer` is required: `LossEvaluator` tokenizes its records at construction.")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise ValueError(f"`max_length` must be an integer >= 2, got {max_length!r}")
+        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
+        self.directions: dict[str, bool] = {"eval_loss": False}
+
+        # 1. Read the records, each with where it came from, and check that they share one format.
+        if isinstance(records_or_path, (str, os.PathLike)):
+            source = os.fspath(records_or_path)
+            rows = _read_jsonl(source)
+        elif isinstance(records_or_path, Sequence) and records_or_path:
+            source = "`records_or_path`"
+            rows = [(f"`records_or_path`[{i}]", record) for i, record in enumerate(records_or_path)]
+        else:
+            raise ValueError(
+                f"`records_or_path` must be a file path or a non-empty list of records, got {records_or_path!r}"
+            )
+        formats = [(where, _record_format(record, where)) for where, record in rows]
+        first_where, self.format = formats[0]
+        for where, kind in formats:
+            if kind != self.format:
+                raise ValueError(
+                    f"{where}: a {kind!r} record, but {first_where} is a {self.format!r} record; the records of "
+                    f"{source} must all have one format."
+                )
+
+        # 2. Tokenize; labels are the input ids with the unscored positions at -100.
+        examples = [self._encode(record, where) for where, record in rows]
+        self.num_records = len(examples)
+        self.num_tokens = sum(max(len(ids) - max(masked, 1), 0) for ids, masked in examples)
+        if self.num_tokens == 0:
+            raise ValueError(f"{source} has no token to score: every record is shorter than two tokens.")
+
+        # 3. Batch by decreasing length (least padding; the largest batch runs first), padded on the right.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+        self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start : start + batch_size]]
+            width = len(chunk[0][0])
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for row, (ids, masked) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+                labels[row, masked : len(ids)] = input_ids[row, masked : len(ids)]
+            self._batches.append((input_ids, attention_mask, labels))
+
+    def _encode(self, record: Mapping[str, Any], where: str) -> tuple[list[int], int]:
+        """The token ids of one record, and how many leading tokens are not scored."""
+        tokenizer = self.tokenizer
+        if self.format == "messages":
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+                raise ValueError(f"{where}: `messages` must be a list of {{'role', 'content'}} objects.")
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError(f"{where}: `messages` records need a chat template, and `tokenizer` has none.")
+            text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])[: self.max_length], 0
+        fields = _LOSS_FORMATS[self.format]
+        for field in fields:
+            if not isinstance(record[field], str):
+                raise ValueError(f"{where}: `{field}` must be a string, got a {type(record[field]).__name__}.")
+        ids = list(tokenizer("".join(record[field] for field in fields))["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        masked = len(tokenizer(record["prompt"])["input_ids"]) if self.format == "prompt-completion" else 0
+        return ids[: self.max_length], min(masked, self.max_length)
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        was_training = model.training
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        model.eval()
+        try:
+            with torch.no_grad():
+                for input_ids, attention_mask, labels in self._batches:
+                    logits = model(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                    ).logits
+                    losses = torch.nn.functional.cross_entropy(
+                        logits[:, :-1].flatten(0, 1).float(),
+                        labels[:, 1:].flatten().to(device),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                    total += losses.double()
+        finally:
+            model.train(was_training)
+        return {"eval_loss": total.item() / self.num_tokens}
+
+    def __repr__(self) -> str:
+        return f"LossEvaluator({self.num_records} {self.format} records, {self.num_tokens} scored tokens)"
+
+
+def _read_jsonl(path: str) -> list[tuple[str, Any]]:
+    """The records of a JSON Lines file, each with `"{path}, line {n}"`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`records_or_path`: there is no file {path!r}")
+    rows = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not valid JSON: {error}") from None
+    if not rows:
+        raise ValueError(f"`records_or_path`: {path} is empty; it needs one JSON record per line.")
+    return rows
+
+
+def _record_format(record: Any, where: str) -> str:
+    """The one format (a key of `_LOSS_FORMATS`) whose fields the record has."""
+    found = [
+        kind
+        for kind, fields in _LOSS_FORMATS.items()
+        if isinstance(record, Mapping) and all(field in record for field in fields)
+    ]
+    if len(found) != 1:
+        got = f"the fields {sorted(map(str, record))}" if isinstance(record, Mapping) else type(record).__name__
+        raise ValueError(
+            f"{where}: a record needs exactly one of a `text` field, `prompt` and `completion` fields, or a "
+            f"`messages` field; got {got}."
+        )
+    return found[0]
+
+
+@contextlib.contextmanager
+def quiet_peft_save() -> Iterator[None]:
+    """Save a PEFT adapter without PEFT's warning that the base model's folder has no `config.json`.
+
+    `PeftModel.save_pretrained` (through `peft.utils.get_peft_model_state_dict`, with the default
+    `save_embedding_layers="auto"`) looks for `config.json` in the base model's folder, to tell whether the
+    vocabulary was resized. A base model loaded from a GGUF file has no such file, so PEFT warns
+    `"Could not find a config file in {folder} - will assume that the vocabulary was not modified."` on every save.
+    This hides exactly that warning during the block; every other warning shows as usual.
+
+    Example:
+
+    ```python
+    >>> with quiet_peft_save():
+    ...     peft_model.save_pretrained(output_dir)
+    ```
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Could not find a config file in .* - will assume that the vocabulary was not modified\.",
+            category=UserWarning,
+            module=r"peft\.",
+        )
+        yield

@@ -1,7 +1,7 @@
-r"""PEFT glue: the ExMe plane of a LoRA run, exactly, as one adapter of rank r1 + r2.
+r"""PEFT glue: the candidates of a LoRA run, exactly, as one adapter of rank r1 + ... + rk.
 
 For an adapted module with scaling `s`, checkpoint `i` (factors `A_i`, `B_i`) changes the weight by
-`d_i = s * B_i @ A_i`. The candidate `(c1, c2)` is `W + c1 * d1 + c2 * d2`, and
+`d_i = s * B_i @ A_i`. The candidate `c` is `W + c1 * d1 + ... + ck * dk`, and (for k = 2)
 
 ```
 c1 * s * B1 @ A1 + c2 * s * B2 @ A2 = [B1, B2] @ [c1 * s * A1; c2 * s * A2]
@@ -12,8 +12,13 @@ coefficients. The sweep adds that adapter (named `"exme"`) once, activates it in
 switches candidates by rewriting its A factors: adapter-sized work that never touches the base weights. Blending
 the A and B factors of the checkpoints separately would not be this model (`(B1 + B2)(A1 + A2) != B1 A1 + B2 A2`).
 
-When the starting adapter is not zero (PiSSA, OLoRA and other initializations that set `B != 0`), a third block
-with coefficient `1 - c1 - c2` carries it, so the candidate is still `base + c1 * d1 + c2 * d2` exactly.
+When the starting adapter is not zero (PiSSA, OLoRA and other initializations that set `B != 0`), one more block
+with coefficient `1 - c1 - ... - ck` carries it, so the candidate is still `base + sum_i c_i * d_i` exactly.
+
+Merges off the span (the TIES and DARE baselines) are not low-rank: they are applied to each adapted module's dense
+delta `d_i` (PEFT's `get_delta_weight`), written into the base layer as DoRA's fallback does, with the `"exme"`
+adapter silenced; the base layers are restored before the next point of the span. That keeps one dense copy of
+every adapted weight while the baselines run.
 
 DoRA is not linear in its scale (it renormalizes the weight), so DoRA modules fall back to dense effective weights:
 `W_i` is the module's weight with checkpoint `i`'s adapter merged in (by PEFT), and the candidate weight
@@ -28,10 +33,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 
 import torch
 
-from .arithmetic import StateDict, combine
+from .arithmetic import Point, StateDict, TaskVectorMerge, merge_task_vectors, span_point
 
 __all__ = ["LoraPlane", "check_peft_model", "is_peft_model"]
 
@@ -68,21 +74,34 @@ def check_peft_model(model: torch.nn.Module) -> None:
 
 
 class LoraPlane:
-    """The candidates of a LoRA run, written into one live adapter of rank `r1 + r2` (see the module docstring).
+    """The candidates of a LoRA run, written into one live adapter of rank `r1 + ... + rk` (see the module
+    docstring). Implements `arithmetic.Plane`.
 
-    Creating it adds the `"exme"` adapter and activates it; `apply(c1, c2)` makes the model compute
-    `theta(c1, c2)`; `close()` puts the trained adapter back as the active one and removes `"exme"`.
+    Creating it adds the `"exme"` adapter and activates it; `apply(c)` makes the model compute `theta(c)` (or a merge
+    off the span); `save(folder)` saves the current candidate; `close()` puts the trained adapter back as the active
+    one and removes `"exme"`.
 
     Args:
         model (`peft.PeftModel`): the model whose active adapter was trained.
-        base, sft1, sft2 (`Mapping[str, torch.Tensor]`): trainable tensors at the start and at the two checkpoints.
+        base (`Mapping[str, torch.Tensor]`): trainable tensors at the start of training.
+        checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): trainable tensors at the kept checkpoints, best first.
         trained (`Mapping[str, torch.Tensor]`): trainable tensors at the end of training, restored by `close()`.
+        save_merged (`bool`, *optional*, defaults to `False`): `save` also writes the candidate fused into the base
+            weights, in `merged/`.
     """
 
-    def __init__(self, model, base: StateDict, sft1: StateDict, sft2: StateDict, trained: StateDict):
+    def __init__(
+        self,
+        model,
+        base: StateDict,
+        checkpoints: Sequence[StateDict],
+        trained: StateDict,
+        *,
+        save_merged: bool = False,
+    ):
         from peft.tuners.lora import LoraLayer
 
-        self.model, self.trained = model, trained
+        self.model, self.trained, self.save_merged_too = model, trained, save_merged
         self.adapter = model.active_adapter
         config = model.peft_config[self.adapter]
         layers = {
@@ -97,22 +116,25 @@ class LoraPlane:
             name for prefix, layer in {**layers, **dora}.items() for name in _factor_names(prefix, layer, self.adapter)
         }
         factor_names |= {f"{prefix}.lora_magnitude_vector.{self.adapter}.weight" for prefix in dora}
-        self.exact_adapter = not dora  # whether `save_adapter` can save the candidate as a LoRA adapter
+        self.exact_adapter = not dora  # whether the candidate can be saved as a LoRA adapter
+        self._layers, self._base, self._checkpoints = layers, base, list(checkpoints)
 
-        # The plane's points, per block: each checkpoint, and the starting adapter when it is not zero.
-        points = [sft1, sft2]
+        # The blocks of the "exme" adapter: each checkpoint, and the starting adapter when it is not zero.
+        points = list(checkpoints)
         if any(torch.count_nonzero(base[_factor_names(p, m, self.adapter)[1]]) for p, m in layers.items()):
             points.append(base)
         self._points = points
 
-        # DoRA modules: dense effective weights of the three points, computed before anything else changes.
+        # DoRA modules: dense effective weights of every point, computed before anything else changes.
         parameters = dict(model.named_parameters())
-        effective = [_effective_weights(dora, self.adapter, point, parameters) for point in (base, sft1, sft2)]
+        effective = [_effective_weights(dora, self.adapter, point, parameters) for point in (base, *checkpoints)]
         _load(parameters, trained)
         self._originals = {
             f"{prefix}.base_layer.weight": layer.get_base_layer().weight.detach().to("cpu", copy=True)
             for prefix, layer in dora.items()
         }
+        self._base_layers: dict[str, torch.Tensor] = {}  # adapted base weights, kept while off-span merges run
+        self._off_span = False  # whether the live candidate is a merge off the span (never saved)
 
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._dense: dict[str, torch.Tensor] = {}  # live dense tensors, by their name in the snapshots
@@ -121,7 +143,7 @@ class LoraPlane:
             model.set_adapter(EXME_ADAPTER)
             self._restore_requires_grad()
             self._factors = self._write_b_blocks(layers)
-            self._dense_points = self._match_dense(factor_names, base, sft1, sft2, trained, effective)
+            self._dense_points = self._match_dense(factor_names, base, checkpoints, trained, effective)
         except BaseException:
             self.close()
             raise
@@ -138,8 +160,8 @@ class LoraPlane:
                 factors.append((layer.scaling[self.adapter], a_name, bias_name, live_a, live_bias))
         return factors
 
-    def _match_dense(self, factor_names, base, sft1, sft2, trained, effective) -> list[dict[str, torch.Tensor]]:
-        """Find the live tensor of every dense entry; return the dense parts of the plane's three points."""
+    def _match_dense(self, factor_names, base, checkpoints, trained, effective) -> list[dict[str, torch.Tensor]]:
+        """Find the live tensor of every dense entry; return the dense parts of the base and the checkpoints."""
         parameters = dict(self.model.named_parameters())
         for name in base:
             if name not in factor_names:
@@ -148,21 +170,26 @@ class LoraPlane:
                 if target == name:
                     self._originals[name] = trained[name]
                 self._dense[name] = parameters[target].data
-        points = [{name: point[name] for name in self._dense} for point in (base, sft1, sft2)]
+        points = [{name: point[name] for name in self._dense} for point in (base, *checkpoints)]
         for name in self._originals.keys() - self._dense.keys():  # DoRA weights, written into the base layer
             self._dense[name] = parameters[name].data
             for point, effective_weights in zip(points, effective):
                 point[name] = effective_weights[name]
         return points
 
-    def apply(self, c1: float, c2: float) -> None:
-        """Make the model compute `base + c1 * d1 + c2 * d2`."""
-        coefficients = (c1, c2, 1.0 - c1 - c2)[: len(self._points)]
+    def apply(self, point: Point) -> None:
+        """Make the model compute `base + sum_i c_i * d_i`, or `base + merge([d_1, ..., d_k])` off the span."""
+        self._restore_base_layers()
+        self._off_span = callable(point)
+        if self._off_span:
+            self._apply_merge(point)
+            return
+        coefficients = [*point, 1.0 - sum(point)][: len(self._points)]
         with torch.no_grad():
             for scaling, a_name, bias_name, live_a, live_bias in self._factors:
                 blocks = [
-                    point[a_name].to(live_a.device, torch.float32) * (c * scaling)
-                    for point, c in zip(self._points, coefficients)
+                    p[a_name].to(live_a.device, torch.float32) * (c * scaling)
+                    for p, c in zip(self._points, coefficients)
                 ]
                 live_a.copy_(torch.cat(blocks, dim=0))
                 if live_bias is not None:
@@ -171,7 +198,59 @@ class LoraPlane:
                         for p, c in zip(self._points, coefficients)
                     ]
                     live_bias.copy_(torch.stack(biases).sum(0))
-            combine(*self._dense_points, c1, c2, out=self._dense)
+            span_point(self._dense_points[0], self._dense_points[1:], point, out=self._dense)
+
+    def _apply_merge(self, merge: TaskVectorMerge) -> None:
+        """A merge off the span: each adapted module's dense deltas merged into its base layer; "exme" silenced."""
+        parameters = dict(self.model.named_parameters())
+        trained_factors = {}
+        with torch.no_grad():
+            for prefix, layer in self._layers.items():
+                names = [n for n in _factor_names(prefix, layer, self.adapter) if n is not None]
+                trained_factors.update({n: parameters[n].detach().clone() for n in names})
+                deltas = {"weight": []}
+                for point in (self._base, *self._checkpoints):
+                    _load(parameters, {n: point[n] for n in names})
+                    deltas["weight"].append(layer.get_delta_weight(self.adapter).float())
+                    if names[2:]:  # lora_bias: B's bias, scaled, adds to the base layer's bias
+                        deltas.setdefault("bias", []).append(point[names[2]].float() * layer.scaling[self.adapter])
+                base_layer = layer.get_base_layer()
+                for key, values in deltas.items():
+                    live = getattr(base_layer, key)
+                    if live is None:
+                        raise NotImplementedError(f"`{prefix}`: merging LoRA biases needs a base layer with a bias.")
+                    name = f"{prefix}.base_layer.{key}"
+                    self._base_layers.setdefault(name, live.detach().to("cpu", copy=True))
+                    task_vectors = [v.to(live.device) - values[0].to(live.device) for v in values[1:]]
+                    live.copy_(live.float() + merge(task_vectors))
+            _load(parameters, trained_factors)
+            for _, _, _, live_a, live_bias in self._factors:  # the "exme" adapter adds nothing
+                live_a.zero_()
+                if live_bias is not None:
+                    live_bias.zero_()
+            merge_task_vectors(self._dense_points[0], self._dense_points[1:], merge, out=self._dense)
+
+    def _restore_base_layers(self) -> None:
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self._base_layers.items():
+                parameters[name].copy_(tensor)
+        self._base_layers.clear()
+
+    def save(self, folder: str) -> dict[str, str]:
+        """Save the current candidate: a PEFT adapter folder (and `merged/` with `save_merged`), or, for DoRA
+        runs, the fused model. Returns `{"adapter": folder, "merged": ...}` or `{"model": folder}`."""
+        if self._off_span:
+            raise ValueError("The live candidate is a merge off the span (TIES, DARE): it is not saved.")
+        if not self.exact_adapter:  # DoRA: the candidate is dense effective weights, saved fused
+            self.save_merged(folder)
+            return {"model": folder}
+        self.save_adapter(folder)
+        saved = {"adapter": folder}
+        if self.save_merged_too:
+            saved["merged"] = os.path.join(folder, "merged")
+            self.save_merged(saved["merged"])
+        return saved
 
     def close(self, keep: bool = False) -> None:
         """Restore the trained adapter (active, with its tensors and trainability) and remove `"exme"`.
@@ -181,6 +260,7 @@ class LoraPlane:
         """
         if keep:
             return
+        self._restore_base_layers()
         with torch.no_grad():
             for name, tensor in self._originals.items():
                 if name in self._dense:  # absent only when `__init__` failed before writing it
@@ -190,7 +270,7 @@ class LoraPlane:
         self._restore_requires_grad()
 
     def save_adapter(self, folder: str) -> None:
-        """Save the current candidate as a PEFT adapter folder (rank `r1 + r2`, scaling 1)."""
+        """Save the current candidate as a PEFT adapter folder (rank `r1 + ... + rk`, scaling 1)."""
         if not self.exact_adapter:
             raise ValueError("A DoRA candidate is dense effective weights, not a LoRA adapter: use `save_merged`.")
         staging = os.path.join(folder, ".adapter")

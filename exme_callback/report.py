@@ -1,5 +1,6 @@
 """What a finished sweep leaves behind: `exme_report.json`, the paper-style table in `exme_report.md`, the sweep's
-figure `exme_sweep.png`, and the atomic publication of the output folder."""
+figure `exme_sweep.png`, a model card (`README.md`), the same merge as a mergekit recipe (`mergekit.yml`), and the
+atomic publication of the output folder."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +21,8 @@ __all__ = ["Report", "publish_dir"]
 REPORT_JSON = "exme_report.json"
 REPORT_MD = "exme_report.md"
 REPORT_PNG = "exme_sweep.png"
+MODEL_CARD = "README.md"
+MERGEKIT_RECIPE = "mergekit.yml"
 
 
 @dataclass
@@ -25,7 +30,9 @@ class Report:
     """Everything a sweep found, in the form `exme_report.json` stores it.
 
     `columns` are the metrics the selection score averages, `heldout_columns` those of the report evaluator's
-    score (`heldout_metric`), when there is one.
+    score (`heldout_metric`), when there is one. `sources` names what the model card and the mergekit recipe
+    refer to: `base_model` (an id or folder), `checkpoints` (the kept checkpoints' folders, best first) and
+    `adapter` (whether they are LoRA adapters).
     """
 
     metric: str
@@ -43,6 +50,7 @@ class Report:
     heldout_columns: list[str] = field(default_factory=list)
     saved: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # why the sweep stopped, when it failed
+    sources: dict = field(default_factory=dict)
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -57,8 +65,13 @@ class Report:
         (best alpha each), the best ExMe merge and the chosen model. Rows without a candidate are left out."""
         gib = self.greater_is_better
         sft, expo = [], []
+        k = len(self.checkpoints)
         for i, step in enumerate(c.step for c in self.checkpoints):
-            on_i = [c for c in self.candidates if (c.step1, c.step2)[i] == step and (c.c1, c.c2)[1 - i] == 0.0]
+            on_i = [
+                c
+                for c in self.candidates
+                if c.on_span and c.step(i) == step and all(c.coefficient(j) == 0.0 for j in range(k) if j != i)
+            ]
             sft.append((f"SFT-{i + 1}", next((c for c in on_i if c.kind == "sft"), None)))
             expo.append((f"EXPO-{i + 1}", best(on_i, gib, kinds=("expo",))))
         baselines = [(label, best(self.candidates, gib, kinds=(kind,))) for kind, label in _BASELINES.items()]
@@ -85,6 +98,7 @@ class Report:
             "final": None if self.final is None else self.final.to_dict(),
             "saved": dict(self.saved),
             "error": self.error,
+            "sources": dict(self.sources),
         }
 
     def to_markdown(self) -> str:
@@ -115,12 +129,13 @@ class Report:
         # One metric is the score itself: no column of its own.
         columns = self.columns if len(self.columns) > 1 else []
         heldout_columns = self.heldout_columns if len(self.heldout_columns) > 1 else []
-        header = ["model", "hyper-parameters", "c1", "c2", *columns, "selection", "Δ selection"]
+        k = max(2, len(self.checkpoints))
+        header = ["model", "hyper-parameters", *(f"c{i + 1}" for i in range(k)), *columns, "selection", "Δ selection"]
         if heldout:
             header += [f"held-out {c}" for c in heldout_columns] + ["held-out", "Δ held-out"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
         for label, c in self.rows():
-            cells = [label, _hyper(c), _number(c.c1), _number(c.c2)]
+            cells = [label, _hyper(c), *(_number(c.coefficient(i)) for i in range(k))]
             cells += [_number(_metric(c.metrics, name)) for name in columns]
             cells += [_number(c.score), _gain(c.score, reference and reference.score, self.greater_is_better)]
             if heldout:
@@ -131,7 +146,7 @@ class Report:
         skipped = [c for c in self.candidates if not c.valid]
         if skipped:
             lines += ["", "Skipped candidates (never chosen):", ""]
-            lines += [f"- {c.kind} {_hyper(c)} (c1={_number(c.c1)}, c2={_number(c.c2)}): {c.error}" for c in skipped]
+            lines += [f"- {c.kind} {_hyper(c)} ({_coefficients(c)}): {c.error}" for c in skipped]
         if self.saved:
             lines += ["", "Saved: " + ", ".join(f"{k} in `{v}`" for k, v in self.saved.items()) + "."]
         return "\n".join(lines) + "\n"
@@ -145,6 +160,10 @@ class Report:
         import matplotlib.pyplot as plt
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        # A score that averages several metrics has a long name: the axes say "selection score", the title says which.
+        ylabel = self.metric if len(self.metric) <= 40 else "selection score"
+        if ylabel != self.metric:
+            fig.suptitle(textwrap.fill(f"selection score = {self.metric}", 120), fontsize=8)
         rows = dict(self.rows())
         for i, color in zip(range(len(self.checkpoints)), ("tab:blue", "tab:orange")):
             alpha = ("alpha1", "alpha2")[i]
@@ -157,7 +176,7 @@ class Report:
                 left.plot(*zip(*points), marker="o", color=color, label=f"EXPO-{i + 1}")
             if f"SFT-{i + 1}" in rows:
                 left.axhline(rows[f"SFT-{i + 1}"].score, color=color, linestyle="--", label=f"SFT-{i + 1}")
-        left.set(xlabel="alpha", ylabel=self.metric, title="Extrapolation (EXPO)")
+        left.set(xlabel="alpha", ylabel=ylabel, title="Extrapolation (EXPO)")
         left.legend()
         merges = sorted((c.beta, c.score) for c in self.candidates if c.kind == "exme" and c.valid)
         if merges:
@@ -167,13 +186,90 @@ class Report:
                 right.axhline(rows[f"EXPO-{i + 1}"].score, color=color, linestyle=":", label=f"EXPO-{i + 1}")
         if self.best_sft is not None:
             right.axhline(self.best_sft.score, color="gray", linestyle="--", label="best SFT")
-        right.set(xlabel="beta (weight of EXPO-1)", ylabel=self.metric, title="Merge (ExMe)")
+        right.set(xlabel="beta (weight of EXPO-1)", ylabel=ylabel, title="Merge (ExMe)")
         right.legend()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
+    def mergekit_recipe(self) -> str | None:
+        """The chosen model as a mergekit `task_arithmetic` configuration: `base + sum_i c_i * (checkpoint_i - base)`
+        with `normalize: false`, LoRA checkpoints as `base+adapter`. `mergekit-yaml mergekit.yml OUT` on the
+        original checkpoints rebuilds the same weights up to rounding. `None` when nothing on the span was chosen."""
+        import yaml
+
+        if self.final is None or not self.final.on_span:
+            return None
+        base = self.sources.get("base_model") or "BASE_MODEL"
+        folders = self.sources.get("checkpoints") or [f"checkpoint-{c.step}" for c in self.checkpoints]
+        models = [
+            {"model": f"{base}+{folder}" if self.sources.get("adapter") else folder, "parameters": {"weight": c}}
+            for folder, c in zip(folders, self.final.coefficients)
+        ]
+        recipe = {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": models,
+            "parameters": {"normalize": False},
+            "dtype": "float32",
+        }
+        header = (
+            f"# ExMe's chosen model ({self.final.kind}, {_hyper(self.final)}) as mergekit task arithmetic:\n"
+            "# base + sum_i weight_i * (model_i - base). Replay on the original checkpoints with\n"
+            f"#   mergekit-yaml {MERGEKIT_RECIPE} OUTPUT_FOLDER\n"
+        )
+        return header + yaml.safe_dump(recipe, sort_keys=False)
+
+    def model_card(self) -> str:
+        """`README.md` of the output folder: what the model is, how it was chosen, the table, the figure, how to load
+        it, with Hugging Face model-card metadata (`base_model`, `tags: [exme, merge]`, `library_name`)."""
+        from huggingface_hub import ModelCardData
+
+        base, adapter, final = self.sources.get("base_model"), self.sources.get("adapter", False), self.final
+        hub_id = base if base and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base) else None  # local folders are not ids
+        metadata = ModelCardData(
+            base_model=hub_id, library_name="peft" if adapter else "transformers", tags=["exme", "merge"]
+        )
+        steps = ", ".join(f"SFT-{i + 1} = step {c.step}" for i, c in enumerate(self.checkpoints))
+        terms = " + ".join(f"{c:.4g} * (SFT-{i + 1} - base)" for i, c in enumerate(final.coefficients or ()))
+        load = (
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}"), '
+            '"path/to/this/folder")'
+            if "adapter" in self.saved
+            else 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")'
+        )
+        imports = "from peft import PeftModel\n" if "adapter" in self.saved else ""
+        lines = [
+            "---",
+            metadata.to_yaml(),
+            "---",
+            "",
+            "# ExMe merge" + (f" of `{base}`" if base else ""),
+            "",
+            "This model was made by Extrapolation Merging ([ExMe](https://arxiv.org/abs/2503.04834)) of the checkpoints "
+            "of one fine-tuning run, with exme-callback: the"
+            f" checkpoints were ranked by `{self.metric}` ({steps}), each extrapolated away from the base model"
+            " ([EXPO](https://arxiv.org/abs/2404.16792)) and the two merged; every candidate was evaluated and the best"
+            f" kept ({final.kind}, {_hyper(final)}).",
+            "",
+            f"Weights: `base + {terms}`." if terms else "",
+            "",
+            self.to_markdown().split("\n", 1)[1].strip(),
+            "",
+            *([f"![The sweep]({REPORT_PNG})", ""] if self.checkpoints else []),
+            "## How to load",
+            "",
+            "```python",
+            f"from transformers import AutoModelForCausalLM\n{imports}{load}",
+            "```",
+            "",
+            f"`{MERGEKIT_RECIPE}` is the same merge as a mergekit configuration (task arithmetic, `normalize: false`),",
+            f"`{REPORT_JSON}` every candidate evaluated.",
+        ]
+        return "\n".join(lines) + "\n"
+
     def write(self, directory: str) -> None:
-        """Write `exme_report.json`, `exme_report.md` and `exme_sweep.png` into `directory`."""
+        """Write `exme_report.json`, `exme_report.md` and `exme_sweep.png` into `directory`, and for a finished
+        sweep the model card `README.md` and `mergekit.yml`."""
         with open(os.path.join(directory, REPORT_JSON), "w") as f:
             json.dump(self.to_dict(), f, indent=2, allow_nan=True)
             f.write("\n")
@@ -181,6 +277,13 @@ class Report:
             f.write(self.to_markdown())
         if self.checkpoints:
             self.plot(os.path.join(directory, REPORT_PNG))
+        if self.final is not None and self.error is None:
+            with open(os.path.join(directory, MODEL_CARD), "w") as f:
+                f.write(self.model_card())
+            recipe = self.mergekit_recipe()
+            if recipe is not None:
+                with open(os.path.join(directory, MERGEKIT_RECIPE), "w") as f:
+                    f.write(recipe)
 
 
 _BASELINES = {"weighted": "Weighted", "ties": "TIES", "dare": "DARE"}
@@ -203,9 +306,14 @@ def _gain(value: float | None, reference: float | None, greater_is_better: bool)
 
 def _hyper(c: Candidate) -> str:
     if c.kind == "sft":
-        return f"step={c.step1 if c.c1 else c.step2}"
-    values = {"alpha1": c.alpha1, "alpha2": c.alpha2, "beta": c.beta, **c.hyper}
-    return ", ".join(f"{name}={value:g}" for name, value in values.items() if value is not None) or "-"
+        return f"step={next(s for s in c.steps if s is not None)}"
+    return ", ".join(f"{name}={value:g}" for name, value in c.hyper.items() if value is not None) or "-"
+
+
+def _coefficients(c: Candidate) -> str:
+    if c.coefficients is None:
+        return "off the span"
+    return ", ".join(f"c{i + 1}={_number(x)}" for i, x in enumerate(c.coefficients))
 
 
 def _number(x: float | None, signed: bool = False) -> str:

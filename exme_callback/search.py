@@ -1,39 +1,53 @@
-"""The ExMe search on the `(c1, c2)` plane: which candidates to evaluate, in which order, and which one wins.
+"""The search on coefficient vectors: which candidates to evaluate, in which order, and which one wins.
 
-Pure Python: a candidate is a point `theta(c1, c2) = base + c1 * d1 + c2 * d2` (see `arithmetic`), and the sweep
-only asks a caller-supplied function for the score of each point. The steps follow the ExMe paper:
+Pure Python: every candidate is a point `theta(c) = base + sum_i c_i * d_i` of the span of the kept checkpoints'
+task vectors `d_i = theta_i - base` (see `arithmetic`), and a search only asks a caller-supplied function for the
+score of each point. The ExMe search follows the paper, on the two best checkpoints:
 
-1. SFT-1 and SFT-2: the two best checkpoints of training, `(1, 0)` and `(0, 1)`.
+1. SFT-1 and SFT-2: the two best checkpoints of training, `c = (1, 0)` and `(0, 1)`.
 2. EXPO-i: `SFT_i + alpha * (SFT_i - base)` for every `alpha` of the grid, for each checkpoint separately; the best
    alpha of each is kept.
 3. ExMe: `beta * EXPO_1 + (1 - beta) * EXPO_2` for every `beta` of the grid.
+
+Ranking the checkpoints of a run (`rank_checkpoints`) and the final choice (`choose`) live here too, so the callback
+and the `exme` command rank and choose the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
+    "CHOOSE_FROM",
     "DEFAULT_ALPHAS",
     "DEFAULT_BETAS",
+    "DEFAULT_DENSITIES",
     "Candidate",
     "Checkpoint",
     "best",
-    "sweep_baselines",
+    "choose",
+    "count_baselines",
     "count_candidates",
     "exme_coefficients",
     "is_better",
+    "rank_checkpoints",
     "sweep",
+    "sweep_baselines",
     "validate_grid",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
 KINDS = ("base", "sft", "expo", "exme", "weighted", "ties", "dare")
-OFF_PLANE = ("ties", "dare")  # sparsified merges: not points of the plane, `c1`/`c2` are None
+OFF_SPAN = ("ties", "dare")  # sparsified merges: not points of the span, `coefficients` is None
+CHOOSE_FROM = {"all": ("sft", "expo", "exme"), "exme": ("exme",)}  # the kinds each `choose_from` picks among
+EXME_HYPER = ("alpha1", "alpha2", "beta")
 
 
 @dataclass
@@ -47,21 +61,30 @@ class Checkpoint:
 
 @dataclass
 class Candidate:
-    """One evaluated model: a point of the plane, or a baseline merge. Fields that do not apply are `None`.
+    """One evaluated model: a point `base + sum_i c_i * d_i` of the span of the kept checkpoints, or a baseline
+    merge off it.
 
-    `hyper` holds a baseline's hyper-parameters (`lambda` of a weighted merge, `density` of TIES and DARE).
-    `error` says why the score was not used for selection (a non-finite score); such a candidate is never chosen.
-    `heldout_score` and `heldout_metrics` come from the report evaluator, for the rows of the final table.
+    Args:
+        kind (`str`): one of `"base"`, `"sft"`, `"expo"`, `"exme"`, `"weighted"`, `"ties"`, `"dare"`.
+        coefficients (`tuple[float, ...]`, *optional*): `(c_1, ..., c_k)`, one per kept checkpoint, best first;
+            `None` for merges off the span (TIES, DARE).
+        steps (`tuple[int | None, ...]`, *optional*): the training step of each kept checkpoint the candidate
+            uses (`None` where it does not).
+        hyper (`dict[str, float]`, *optional*): the hyper-parameters that made it (`alpha1`, `alpha2` and `beta`
+            of the ExMe paper, `lambda` of a weighted merge, `density` of TIES and DARE).
+        score (`float`, *optional*): the selection score; `metrics` the evaluation it came from.
+        error (`str`, *optional*): why the score is not used for selection (a non-finite score); such a candidate
+            is never chosen.
+        heldout_score (`float`, *optional*): the report evaluator's score (rows of the final table only), with
+            `heldout_metrics`.
+
+    With two kept checkpoints the ExMe paper's names read the fields: `c1`, `c2`, `step1`, `step2`, `alpha1`,
+    `alpha2`, `beta`.
     """
 
     kind: str
-    c1: float | None
-    c2: float | None
-    step1: int | None = None
-    step2: int | None = None
-    alpha1: float | None = None
-    alpha2: float | None = None
-    beta: float | None = None
+    coefficients: tuple[float, ...] | None
+    steps: tuple[int | None, ...] = ()
     hyper: dict[str, float] = field(default_factory=dict)
     score: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -69,12 +92,54 @@ class Candidate:
     heldout_score: float | None = None
     heldout_metrics: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.coefficients is not None:
+            self.coefficients = tuple(float(c) for c in self.coefficients)
+        self.steps = tuple(self.steps)
+
     @property
     def valid(self) -> bool:
         return self.error is None and self.score is not None and math.isfinite(self.score)
 
+    @property
+    def on_span(self) -> bool:
+        """Whether the candidate is a point `base + sum_i c_i * d_i` (TIES and DARE merges are not)."""
+        return self.coefficients is not None
+
+    def coefficient(self, i: int) -> float | None:
+        """`c_{i+1}`: 0 beyond the kept checkpoints, `None` off the span."""
+        if self.coefficients is None:
+            return None
+        return self.coefficients[i] if i < len(self.coefficients) else 0.0
+
+    def step(self, i: int) -> int | None:
+        """The step of the `i`-th kept checkpoint (from 0) when the candidate uses it."""
+        return self.steps[i] if i < len(self.steps) else None
+
+    c1 = property(lambda self: self.coefficient(0), doc="The coefficient of the first kept checkpoint.")
+    c2 = property(lambda self: self.coefficient(1), doc="The coefficient of the second kept checkpoint.")
+    step1 = property(lambda self: self.step(0), doc="The step of SFT-1, when the candidate uses it.")
+    step2 = property(lambda self: self.step(1), doc="The step of SFT-2, when the candidate uses it.")
+    alpha1 = property(lambda self: self.hyper.get("alpha1"), doc="EXPO-1's extrapolation strength.")
+    alpha2 = property(lambda self: self.hyper.get("alpha2"), doc="EXPO-2's extrapolation strength.")
+    beta = property(lambda self: self.hyper.get("beta"), doc="ExMe's weight of EXPO-1.")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form: the fields, plus `c1, c2, ...`, `step1, step2, ...` and the ExMe paper's `alpha1`,
+        `alpha2`, `beta` flat, for readers of the report."""
+        k = max(2, len(self.steps), len(self.coefficients or ()))
+        data = asdict(self)
+        data["coefficients"] = None if self.coefficients is None else list(self.coefficients)
+        data["steps"] = list(self.steps)
+        data.update({f"c{i + 1}": self.coefficient(i) for i in range(k)})
+        data.update({f"step{i + 1}": self.step(i) for i in range(k)})
+        data.update({name: self.hyper.get(name) for name in EXME_HYPER})
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Candidate:
+        """The inverse of `to_dict`."""
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
 def exme_coefficients(alpha1: float, alpha2: float, beta: float) -> tuple[float, float]:
@@ -116,14 +181,68 @@ def best(candidates: Iterable[Candidate], greater_is_better: bool, kinds: Sequen
     return winner
 
 
+def rank_checkpoints(
+    checkpoints: Iterable[Checkpoint], greater_is_better: bool, keep: int | None = None
+) -> list[Checkpoint]:
+    """The evaluated checkpoints of a run, best first: the ones ExMe keeps are the first `keep`.
+
+    A step evaluated twice counts with its last evaluation; checkpoints with a non-finite score are left out; on a
+    tie the checkpoint evaluated (or kept) first ranks first.
+
+    Args:
+        checkpoints (`Iterable[Checkpoint]`): in the order they were evaluated (or kept, then the new one).
+        greater_is_better (`bool`): the direction of the score.
+        keep (`int`, *optional*): return only the best `keep`.
+
+    Example:
+
+    ```python
+    >>> ranked = rank_checkpoints([Checkpoint(10, 0.9), Checkpoint(20, 0.7), Checkpoint(30, 0.8)], False, keep=2)
+    >>> [c.step for c in ranked]
+    [20, 30]
+    ```
+    """
+    latest = {c.step: c for c in checkpoints}  # the last evaluation of each step, in first-seen order
+    finite = [c for c in latest.values() if is_better(c.score, None, greater_is_better)]
+    ranked = sorted(finite, key=lambda c: -c.score if greater_is_better else c.score)  # stable: ties keep order
+    return ranked if keep is None else ranked[:keep]
+
+
+def choose(candidates: Sequence[Candidate], greater_is_better: bool, choose_from: str = "all") -> Candidate:
+    """The final model: the best valid candidate among `CHOOSE_FROM[choose_from]`.
+
+    `"all"` picks among the checkpoints, EXPO and ExMe candidates, so the result is never worse than the best
+    checkpoint on the selection score; `"exme"` picks the best ExMe merge, as the paper reports it, and falls back
+    to `"all"` (with a warning) when no merge was scored. Baselines are never chosen. When no candidate has a
+    finite score, the first checkpoint is kept.
+    """
+    if choose_from not in CHOOSE_FROM:
+        raise ValueError(f"`choose_from` must be one of {tuple(CHOOSE_FROM)}, got {choose_from!r}")
+    final = best(candidates, greater_is_better, kinds=CHOOSE_FROM[choose_from])
+    if final is None and choose_from != "all":
+        logger.warning("ExMe: no ExMe merge was scored (one checkpoint, or none finite); choosing among all.")
+        final = best(candidates, greater_is_better, kinds=CHOOSE_FROM["all"])
+    if final is None:  # only reachable when every candidate failed: keep the best checkpoint
+        final = next(c for c in candidates if c.kind == "sft")
+    return final
+
+
 def count_candidates(n_checkpoints: int, alphas: Sequence[float], betas: Sequence[float]) -> int:
     """How many evaluations `sweep` runs."""
-    return n_checkpoints * len(alphas) + (len(betas) if n_checkpoints == 2 else 0)
+    return min(n_checkpoints, 2) * len(alphas) + (len(betas) if n_checkpoints >= 2 else 0)
 
 
 def count_baselines(n_checkpoints: int, lambdas: Sequence[float], densities: Sequence[float]) -> int:
     """How many evaluations `sweep_baselines` runs."""
-    return len(lambdas) + len(OFF_PLANE) * len(densities) if n_checkpoints == 2 else 0
+    return len(lambdas) + len(OFF_SPAN) * len(densities) if n_checkpoints >= 2 else 0
+
+
+def _point(k: int, steps: Sequence[int], **coefficients: float) -> dict:
+    """The `coefficients` and `steps` fields of a point with `c_i` given by name (`c1=1.2`), zero elsewhere."""
+    c = [0.0] * k
+    for name, value in coefficients.items():
+        c[int(name[1:]) - 1] = value
+    return {"coefficients": tuple(c), "steps": tuple(s if x != 0.0 else None for s, x in zip(steps, c))}
 
 
 def sweep_baselines(
@@ -133,29 +252,32 @@ def sweep_baselines(
     densities: Sequence[float] = DEFAULT_DENSITIES,
     results: list[Candidate] | None = None,
 ) -> list[Candidate]:
-    """The merges the ExMe paper compares against, each over its grid.
+    """The merges the ExMe paper compares against, each over its grid, of the two best checkpoints.
 
-    - `weighted`: `lambda * SFT_1 + (1 - lambda) * SFT_2`, the point `(lambda, 1 - lambda)` of the plane;
+    - `weighted`: `lambda * SFT_1 + (1 - lambda) * SFT_2`, the point `(lambda, 1 - lambda)`;
     - `ties`: TIES-merging of the two task vectors (trim to `density`, elect signs, disjoint mean);
     - `dare`: DARE (drop to `density` at random, rescale) and average the two task vectors.
 
     Args:
-        score (`Callable[[Candidate], Candidate]`): as for `sweep`; TIES and DARE candidates have `c1 = c2 = None`
-            and their `density` in `hyper`.
-        checkpoints (`Sequence[Checkpoint]`): the two kept checkpoints.
+        score (`Callable[[Candidate], Candidate]`): as for `sweep`; TIES and DARE candidates have no
+            `coefficients` and their `density` in `hyper`.
+        checkpoints (`Sequence[Checkpoint]`): the kept checkpoints, best first; nothing is run for fewer than two.
         lambdas (`Sequence[float]`): the weights of SFT-1 tried.
         densities (`Sequence[float]`): the fractions of each task vector kept by TIES and DARE.
         results (`list[Candidate]`, *optional*): appended to as candidates are scored.
     """
     results = [] if results is None else results
-    if len(checkpoints) != 2:
+    if len(checkpoints) < 2:
         return results
-    steps = {"step1": checkpoints[0].step, "step2": checkpoints[1].step}
+    k, steps = len(checkpoints), [c.step for c in checkpoints]
     for lam in lambdas:
-        results.append(score(Candidate("weighted", lam, 1.0 - lam, hyper={"lambda": lam}, **steps)))
-    for kind in OFF_PLANE:
+        point = _point(k, steps, c1=lam, c2=1.0 - lam)
+        point["steps"] = (steps[0], steps[1], *point["steps"][2:])  # both, also at lambda = 0 or 1
+        results.append(score(Candidate("weighted", **point, hyper={"lambda": lam})))
+    for kind in OFF_SPAN:
         for density in densities:
-            results.append(score(Candidate(kind, None, None, hyper={"density": density}, **steps)))
+            off_span = (steps[0], steps[1], *[None] * (k - 2))
+            results.append(score(Candidate(kind, None, off_span, hyper={"density": density})))
     return results
 
 
@@ -167,12 +289,14 @@ def sweep(
     greater_is_better: bool = False,
     results: list[Candidate] | None = None,
 ) -> list[Candidate]:
-    """Run the ExMe search and return every candidate in the order evaluated.
+    """Run the ExMe search on the two best of the kept checkpoints and return every candidate in the order
+    evaluated.
 
     Args:
-        score (`Callable[[Candidate], Candidate]`): evaluates the model at `(candidate.c1, candidate.c2)` and
-            returns the candidate with `score` and `metrics` set (or `error` when it could not be scored).
-        checkpoints (`Sequence[Checkpoint]`): the kept checkpoints, best first: one or two.
+        score (`Callable[[Candidate], Candidate]`): evaluates the model at `candidate.coefficients` and returns
+            the candidate with `score` and `metrics` set (or `error` when it could not be scored).
+        checkpoints (`Sequence[Checkpoint]`): the kept checkpoints, best first (their scores are the SFT rows').
+            The coefficient vectors have one entry per checkpoint; EXPO and ExMe use the first two.
         alphas (`Sequence[float]`): the extrapolation grid, searched for each checkpoint separately.
         betas (`Sequence[float]`): the merge grid between the two best EXPO models.
         greater_is_better (`bool`): the direction of the score.
@@ -182,34 +306,33 @@ def sweep(
     Returns:
         `list[Candidate]`: SFT, then EXPO, then ExMe candidates. With one checkpoint there is no ExMe step.
     """
-    if len(checkpoints) not in (1, 2):
-        raise ValueError(f"The sweep needs one or two checkpoints, got {len(checkpoints)}.")
-    steps = [c.step for c in checkpoints]
+    if not checkpoints:
+        raise ValueError("The sweep needs one or two checkpoints (it merges the best two of those given), got none.")
+    k, steps = len(checkpoints), [c.step for c in checkpoints]
     results = [] if results is None else results
 
-    def point(i: int, scale: float, **fields) -> Candidate:
-        c = (scale, 0.0) if i == 0 else (0.0, scale)
-        return Candidate(c1=c[0], c2=c[1], **{f"step{i + 1}": steps[i]}, **fields)
-
-    # 1. The SFT checkpoints, with the scores they got during training (from the same evaluation).
+    # 1. The checkpoints, with the scores they got during training (from the same evaluation).
     for i, checkpoint in enumerate(checkpoints):
-        candidate = point(i, 1.0, kind="sft", score=checkpoint.score, metrics=dict(checkpoint.metrics))
-        results.append(candidate)
+        point = _point(k, steps, **{f"c{i + 1}": 1.0})
+        results.append(Candidate("sft", **point, score=checkpoint.score, metrics=dict(checkpoint.metrics)))
 
     # 2. EXPO: each checkpoint's best alpha (0, the checkpoint itself, when no alpha scores a finite number).
     best_alphas = []
-    for i in range(len(checkpoints)):
-        first = len(results)
+    for i in range(min(k, 2)):
+        name, first = f"alpha{i + 1}", len(results)
         for alpha in alphas:
-            results.append(score(point(i, 1.0 + alpha, kind="expo", **{f"alpha{i + 1}": alpha})))
+            point = _point(k, steps, **{f"c{i + 1}": 1.0 + alpha})
+            results.append(score(Candidate("expo", **point, hyper={name: alpha})))
         winner = best(results[first:], greater_is_better)
-        best_alphas.append(0.0 if winner is None else (winner.alpha1 if i == 0 else winner.alpha2))
+        best_alphas.append(0.0 if winner is None else winner.hyper[name])
 
     # 3. ExMe: merges of the two EXPO models.
-    if len(checkpoints) == 2:
+    if k >= 2:
         alpha1, alpha2 = best_alphas
         for beta in betas:
             c1, c2 = exme_coefficients(alpha1, alpha2, beta)
-            candidate = Candidate("exme", c1, c2, steps[0], steps[1], alpha1, alpha2, beta)
-            results.append(score(candidate))
+            point = _point(k, steps, c1=c1, c2=c2)
+            point["steps"] = (steps[0], steps[1], *point["steps"][2:])
+            hyper = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta}
+            results.append(score(Candidate("exme", **point, hyper=hyper)))
     return results

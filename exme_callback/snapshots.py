@@ -1,23 +1,29 @@
-"""The tensors ExMe keeps: the base and the best checkpoints, in CPU memory or on disk.
+"""The tensors ExMe keeps: the base and the best checkpoints, in CPU memory or on disk, and the run state saved
+into each Trainer checkpoint so that a resumed run ends like an uninterrupted one.
 
 Only trainable tensors are kept (what fine-tuning changes), each in its own dtype, so the kept state is exact and
 costs what the trainable parameters cost, once per snapshot. `storage="disk"` writes safetensors shards and reads
 them back tensor by tensor, so a sweep never holds a whole snapshot in memory.
+
+The run state of a checkpoint folder is `exme/exme_state.json` (scores and which snapshots it names, JSON) beside
+the snapshots as safetensors files: nothing is pickled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["SnapshotStore", "trainable_tensors"]
+__all__ = ["SnapshotStore", "load_state", "save_state", "trainable_tensors"]
 
 STORAGES = ("cpu", "disk")
+STATE_DIR, STATE_FILE = "exme", "exme_state.json"  # the run state inside each checkpoint folder
 _SHARD_BYTES = 1 << 30  # bounds the CPU memory a disk snapshot needs while it is written
 
 
@@ -154,6 +160,36 @@ class SnapshotStore:
         if shard or not index:
             flush()
         return index
+
+
+def save_state(store: SnapshotStore, checkpoint: str, info: Mapping, keys: Sequence[str]) -> None:
+    """Write the run state into a checkpoint folder: the snapshots `keys` as safetensors files (hard-linked to the
+    store's, so every checkpoint costs their bytes once) and `info` (JSON-able) in `exme/exme_state.json`, written
+    last and atomically: a state file always names complete snapshots."""
+    folder = os.path.join(checkpoint, STATE_DIR)
+    for key in keys:
+        store.export(key, folder)
+    path = os.path.join(folder, STATE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"info": dict(info), "snapshots": list(keys)}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def load_state(store: SnapshotStore, checkpoint: str) -> dict:
+    """Read the run state written by `save_state` from a checkpoint folder: import its snapshots into `store` and
+    return its `info`.
+
+    Raises:
+        `FileNotFoundError`: the folder has no ExMe state, or a snapshot it names is missing.
+    """
+    path = os.path.join(checkpoint, STATE_DIR, STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{checkpoint} has no ExMe state ({STATE_DIR}/{STATE_FILE}).")
+    with open(path) as f:
+        saved = json.load(f)
+    for key in saved["snapshots"]:
+        store.import_(key, os.path.dirname(path))
+    return saved["info"]
 
 
 def _link_or_copy(source: str, destination: str) -> None:

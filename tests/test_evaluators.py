@@ -145,3 +145,232 @@ def test_lm_eval_evaluator_errors(lm_eval_tasks):
         LMEvalEvaluator(["toy_choice"], batch_size=0)
     with pytest.raises(ValueError, match="`include_path` must be a folder"):
         LMEvalEvaluator(["toy_choice"], include_path=str(folder / "missing"))
+
+
+def _token_loss(model, ids: list[int], scored_from: int = 1) -> tuple[float, int]:
+    """The summed next-token cross-entropy of one unpadded sequence from position `scored_from`, by hand."""
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    positions = range(max(scored_from, 1), len(ids))
+    return -sum(logprobs[t - 1, ids[t]].item() for t in positions), len(positions)
+
+
+def _mean_loss(model, sequences: list[tuple[list[int], int]]) -> float:
+    sums, counts = zip(*(_token_loss(model, ids, scored_from) for ids, scored_from in sequences))
+    return math.fsum(sums) / sum(counts)
+
+
+def _write_jsonl(path, rows) -> str:
+    import json
+
+    path.write_text("".join(row if isinstance(row, str) else json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_loss_evaluator_text_loss_is_the_token_weighted_mean(tmp_path, tokenizer):
+    from conftest import make_llama, make_texts
+
+    from exme_callback.evaluators import LossEvaluator
+
+    model = make_llama(seed=1)
+    texts = [*make_texts(4, seed=0), "the cat", "dog"]  # different lengths: per-record means would differ
+    path = _write_jsonl(tmp_path / "data.jsonl", [{"text": text} for text in texts])
+    evaluator = LossEvaluator(path, tokenizer, batch_size=4)
+    eos = tokenizer.eos_token_id
+    sequences = [(tokenizer(text)["input_ids"] + [eos], 1) for text in texts]
+    assert evaluator.directions == {"eval_loss": False}
+    assert evaluator.format == "text" and evaluator.num_records == 6
+    assert evaluator.num_tokens == sum(len(ids) - 1 for ids, _ in sequences)
+    metrics = evaluator(model)
+    assert set(metrics) == {"eval_loss"}
+    torch.testing.assert_close(metrics["eval_loss"], _mean_loss(model, sequences), rtol=1e-5, atol=1e-6)
+    # An eos already there is not doubled.
+    same = LossEvaluator([{"text": text + " <eos>"} for text in texts], tokenizer, batch_size=4)
+    torch.testing.assert_close(same(model)["eval_loss"], metrics["eval_loss"], rtol=1e-6, atol=1e-7)
+
+
+def test_loss_evaluator_scores_only_completion_tokens(tokenizer):
+    from conftest import make_llama
+
+    from exme_callback.evaluators import LossEvaluator
+
+    model = make_llama(seed=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # sharp predictions: token losses far apart, so masking shows
+    records = [
+        {"prompt": "the red cat sat on the", "completion": " mat"},
+        {"prompt": "the dog", "completion": " ran under the big log and the dog was small"},
+        {"prompt": "a blue", "completion": " cat"},
+    ]
+    eos = tokenizer.eos_token_id
+    sequences = [
+        (tokenizer(r["prompt"] + r["completion"])["input_ids"] + [eos], len(tokenizer(r["prompt"])["input_ids"]))
+        for r in records
+    ]
+    evaluator = LossEvaluator(records, tokenizer, batch_size=2)
+    assert evaluator.format == "prompt-completion"
+    assert evaluator.num_tokens == sum(len(ids) - start for ids, start in sequences) == 2 + 11 + 2
+    loss = evaluator(model)["eval_loss"]
+    torch.testing.assert_close(loss, _mean_loss(model, sequences), rtol=1e-5, atol=1e-6)
+    # The prompt tokens are not scored: the same tokens as text records (all scored) give another value.
+    as_text = LossEvaluator([{"text": r["prompt"] + r["completion"]} for r in records], tokenizer)
+    assert as_text.num_tokens == sum(len(ids) - 1 for ids, _ in sequences)
+    torch.testing.assert_close(as_text(model)["eval_loss"], _mean_loss(model, [(ids, 1) for ids, _ in sequences]))
+    assert abs(as_text(model)["eval_loss"] - loss) > 1e-3  # well beyond the tolerance above
+
+
+def test_loss_evaluator_messages_use_the_chat_template(tmp_path, tokenizer):
+    from conftest import make_llama
+
+    from exme_callback.evaluators import LossEvaluator
+
+    model = make_llama(seed=3)
+    conversations = [
+        [{"role": "user", "content": "the cat sat on"}, {"role": "assistant", "content": "the mat"}],
+        [{"role": "user", "content": "a big dog"}, {"role": "assistant", "content": "ran"}],
+    ]
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in conversations])
+    with pytest.raises(ValueError, match=r"line 1: `messages` records need a chat template"):
+        LossEvaluator(path, tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+    evaluator = LossEvaluator(path, tokenizer)
+    rendered = ["user the cat sat on <eos> assistant the mat <eos> ", "user a big dog <eos> assistant ran <eos> "]
+    assert [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations] == rendered
+    sequences = [(tokenizer(text)["input_ids"], 1) for text in rendered]
+    assert evaluator.format == "messages" and evaluator.num_tokens == 9 + 7
+    torch.testing.assert_close(evaluator(model)["eval_loss"], _mean_loss(model, sequences), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_evaluator_batch_size_and_truncation(tokenizer):
+    from conftest import make_llama, make_texts
+
+    from exme_callback.evaluators import LossEvaluator
+
+    model = make_llama(seed=4)
+    records = [{"text": text} for text in [*make_texts(5, seed=1), "the cat sat", "big"]]
+    one, three = LossEvaluator(records, tokenizer, batch_size=1), LossEvaluator(records, tokenizer, batch_size=3)
+    assert one.num_tokens == three.num_tokens
+    torch.testing.assert_close(one(model)["eval_loss"], three(model)["eval_loss"], rtol=1e-5, atol=1e-6)
+    short = LossEvaluator(records, tokenizer, batch_size=3, max_length=4)
+    eos = tokenizer.eos_token_id
+    sequences = [((tokenizer(r["text"])["input_ids"] + [eos])[:4], 1) for r in records]
+    assert short.num_tokens == 6 * 3 + 1
+    torch.testing.assert_close(short(model)["eval_loss"], _mean_loss(model, sequences), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_evaluator_restores_the_training_mode(tokenizer):
+    from conftest import make_llama
+
+    from exme_callback.evaluators import LossEvaluator
+
+    evaluator = LossEvaluator([{"text": "the cat sat on the mat"}], tokenizer)
+    model = make_llama(seed=5)
+    modes = []
+    model.register_forward_hook(lambda module, args, output: modes.append(module.training))
+    grad_enabled = []
+    model.register_forward_pre_hook(lambda module, args: grad_enabled.append(torch.is_grad_enabled()))
+    for training in (True, False):
+        model.train(training)
+        evaluator(model)
+        assert model.training is training
+        assert all(m.training is training for m in model.modules())
+    assert modes == [False, False] and grad_enabled == [False, False]
+
+
+def test_loss_evaluator_errors_name_the_file_and_line(tmp_path, tokenizer):
+    from exme_callback.evaluators import LossEvaluator
+
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        LossEvaluator(missing, tokenizer)
+    empty = _write_jsonl(tmp_path / "empty.jsonl", ["\n"])
+    with pytest.raises(ValueError, match=r"empty\.jsonl is empty"):
+        LossEvaluator(empty, tokenizer)
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", [{"text": "the cat"}, "\n", {"prompt": "a", "completion": " b"}])
+    with pytest.raises(
+        ValueError, match=r"mixed\.jsonl, line 3: a 'prompt-completion' record, but .*line 1 is a 'text'"
+    ):
+        LossEvaluator(mixed, tokenizer)
+    unknown = _write_jsonl(tmp_path / "unknown.jsonl", [{"text": "the cat"}, {"prompt": "the", "answer": "cat"}])
+    with pytest.raises(
+        ValueError, match=r"unknown\.jsonl, line 2: a record needs .* got the fields \['answer', 'prompt'\]"
+    ):
+        LossEvaluator(unknown, tokenizer)
+    broken = _write_jsonl(tmp_path / "broken.jsonl", [{"text": "the cat"}, "{not json\n"])
+    with pytest.raises(ValueError, match=r"broken\.jsonl, line 2 is not valid JSON"):
+        LossEvaluator(broken, tokenizer)
+    with pytest.raises(ValueError, match=r"`records_or_path`\[0\]: `text` must be a string, got a list"):
+        LossEvaluator([{"text": ["the"]}], tokenizer)
+    with pytest.raises(ValueError, match="`records_or_path` must be a file path or a non-empty list"):
+        LossEvaluator([], tokenizer)
+    with pytest.raises(ValueError, match="no token to score"):
+        LossEvaluator([{"prompt": "the cat", "completion": " sat"}], tokenizer, max_length=2)  # only the prompt
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
+        LossEvaluator([{"text": "the cat"}], tokenizer, batch_size=0)
+    with pytest.raises(ValueError, match="`max_length` must be an integer >= 2, got 1"):
+        LossEvaluator([{"text": "the cat"}], tokenizer, max_length=1)
+    with pytest.raises(ValueError, match="`tokenizer` is required"):
+        LossEvaluator([{"text": "the cat"}], None)
+
+
+_LIVE_MODEL_WARNINGS = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
+
+
+def test_lm_eval_evaluator_hides_only_hflm_live_model_warnings(lm_eval_tasks, caplog, tokenizer):
+    import logging
+
+    from conftest import make_llama
+    from lm_eval.models.huggingface import HFLM
+
+    from exme_callback.evaluators import _without_live_model_warnings
+
+    _, evaluator = lm_eval_tasks
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    filters = list(logger.filters)
+
+    def live_model_warnings():
+        found = [r.getMessage() for r in caplog.records if r.name == logger.name and r.levelno == logging.WARNING]
+        return [m for m in found if m.startswith(_LIVE_MODEL_WARNINGS)]
+
+    with caplog.at_level(logging.WARNING, logger="lm_eval"):
+        evaluator(make_llama(seed=6))  # a new model object: the evaluator wraps it in a new HFLM
+        assert live_model_warnings() == []
+        assert logger.filters == filters
+        with _without_live_model_warnings():
+            logger.warning("another warning")  # not one of the two: shows
+        assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["another warning"]
+        HFLM(pretrained=make_llama(seed=7), tokenizer=tokenizer, batch_size=1)  # outside the evaluator: shows
+    assert len(live_model_warnings()) == 2
+
+
+def test_quiet_peft_save_hides_only_the_missing_config_warning(tmp_path):
+    import warnings
+
+    pytest.importorskip("peft")
+    from conftest import make_llama
+    from peft import LoraConfig, get_peft_model
+
+    from exme_callback.evaluators import quiet_peft_save
+
+    model = get_peft_model(make_llama(seed=8), LoraConfig(r=2, target_modules=["q_proj"]))
+    folder = tmp_path / "gguf_model"  # like a base model loaded from a GGUF file: no config.json
+    folder.mkdir()
+    model.peft_config["default"].base_model_name_or_path = str(folder)
+    expected = f"Could not find a config file in {folder} - will assume that the vocabulary was not modified."
+
+    def messages(caught):
+        return [str(w.message) for w in caught]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "loud")
+    assert expected in messages(caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_peft_save():
+            model.save_pretrained(tmp_path / "quiet")
+            warnings.warn("Could not find a config file in this other sentence.", UserWarning, stacklevel=1)
+        warnings.warn(expected, UserWarning, stacklevel=1)  # after the block: shows again
+    assert expected not in messages(caught)[:-1] and messages(caught)[-1] == expected
+    assert "Could not find a config file in this other sentence." in messages(caught)
+    assert (tmp_path / "quiet" / "adapter_model.safetensors").is_file()

@@ -83,10 +83,10 @@ def test_candidates_equal_dense_reference(tokenizer, config):
     load(model, trained)
     before = logits(model, tokenizer)
 
-    plane = LoraPlane(model, base, sft1, sft2, trained)
+    plane = LoraPlane(model, base, [sft1, sft2], trained)
     assert model.active_adapter == "exme"
     for c1, c2 in CANDIDATES:
-        plane.apply(c1, c2)
+        plane.apply((c1, c2))
         expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
         assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
 
@@ -103,10 +103,10 @@ def test_non_zero_starting_adapter_is_a_third_block(tokenizer):
     base = {n: t.clone() for n, t in trainable_tensors(model).items()}
     assert any(torch.count_nonzero(t) for n, t in base.items() if "lora_B" in n)
     sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
-    plane = LoraPlane(model, base, sft1, sft2, base)
+    plane = LoraPlane(model, base, [sft1, sft2], base)
     assert model.peft_config["exme"].r == 3 * 4
     for c1, c2 in [(0.0, 0.0), (0.36, 0.98), (1.5, 0.0)]:
-        plane.apply(c1, c2)
+        plane.apply((c1, c2))
         expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
         assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
     plane.close()
@@ -116,8 +116,8 @@ def test_saved_adapter_and_merged_model_reload_to_the_same_logits(tmp_path, toke
     model = lora_model(modules_to_save=["lm_head"])
     base = {n: t.clone() for n, t in trainable_tensors(model).items()}
     sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
-    plane = LoraPlane(model, base, sft1, sft2, base)
-    plane.apply(0.6, 0.55)
+    plane = LoraPlane(model, base, [sft1, sft2], base)
+    plane.apply((0.6, 0.55))
     live = logits(model, tokenizer)
     plane.save_adapter(str(tmp_path))
     plane.save_merged(str(tmp_path / "merged"))
@@ -143,10 +143,10 @@ def test_dora_candidates_are_dense_effective_weights(tmp_path, tokenizer, config
     sft1, sft2, trained = checkpoint(model, 1), checkpoint(model, 2), checkpoint(model, 3)
     load(model, trained)
     before, weights_before = logits(model, tokenizer), {k: v.clone() for k, v in model.state_dict().items()}
-    plane = LoraPlane(model, base, sft1, sft2, trained)
+    plane = LoraPlane(model, base, [sft1, sft2], trained)
     assert not plane.exact_adapter
     for c1, c2 in [(1.0, 0.0), (0.0, 1.0), (0.36, 0.98), (1.4, 0.0)]:
-        plane.apply(c1, c2)
+        plane.apply((c1, c2))
         expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
         assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="use `save_merged`"):

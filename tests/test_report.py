@@ -9,16 +9,16 @@ from exme_callback.search import Candidate, Checkpoint
 
 
 def make_report(heldout=True):
-    def c(kind, c1, c2, score, heldout_score=None, **fields):
+    def c(kind, c1, c2, score, heldout_score=None, step1=None, step2=None, hyper=None, **exme_hyper):
         return Candidate(
             kind,
-            c1,
-            c2,
+            None if c1 is None else (c1, c2),
+            (step1, step2),
+            hyper={**exme_hyper, **(hyper or {})},
             score=score,
             metrics={"eval_loss": score, "eval_acc": 1 - score},
             heldout_score=heldout_score,
             heldout_metrics={"acc": heldout_score} if heldout_score else {},
-            **fields,
         )
 
     candidates = [
@@ -26,7 +26,7 @@ def make_report(heldout=True):
         c("sft", 0.0, 1.0, 0.60, step2=30),
         c("expo", 1.2, 0.0, 0.45, 0.72, step1=40, alpha1=0.2),
         c("expo", 1.4, 0.0, 0.48, step1=40, alpha1=0.4),
-        Candidate("expo", 0.0, 1.2, step2=30, alpha2=0.2, score=math.nan, error="non-finite score nan"),
+        Candidate("expo", (0.0, 1.2), (None, 30), {"alpha2": 0.2}, score=math.nan, error="non-finite score nan"),
         c("expo", 0.0, 1.4, 0.55, step2=30, alpha2=0.4),
         c("exme", 0.6, 0.7, 0.40, 0.75, step1=40, step2=30, alpha1=0.2, alpha2=0.4, beta=0.5),
         c("weighted", 0.7, 0.3, 0.52, 0.69, step1=40, step2=30, hyper={"lambda": 0.7}),

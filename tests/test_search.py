@@ -81,14 +81,14 @@ def test_non_finite_alpha_scores_fall_back_to_the_checkpoint():
 
 
 def test_best_prefers_direction_then_earliest_and_skips_invalid():
-    a = Candidate("sft", 1, 0, score=1.0)
-    b = Candidate("expo", 1.1, 0, score=1.0)
-    c = Candidate("exme", 0.5, 0.5, score=0.5)
-    d = Candidate("exme", 0.4, 0.6, score=math.nan)
+    a = Candidate("sft", (1, 0), score=1.0)
+    b = Candidate("expo", (1.1, 0), score=1.0)
+    c = Candidate("exme", (0.5, 0.5), score=0.5)
+    d = Candidate("exme", (0.4, 0.6), score=math.nan)
     assert best([a, b, c, d], greater_is_better=True) is a
     assert best([a, b, c, d], greater_is_better=False) is c
     assert best([a, b, d], greater_is_better=True, kinds=("exme",)) is None
-    assert not d.valid and not Candidate("exme", 0, 0, score=1.0, error="x").valid
+    assert not d.valid and not Candidate("exme", (0, 0), score=1.0, error="x").valid
 
 
 def test_is_better():

@@ -1,0 +1,262 @@
+"""The ExMe pipeline: a plane over the base and the kept checkpoints, a scorer and the search settings in, the
+chosen model and its report out.
+
+The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors onto `run`: both build a plane
+(`make_plane`) over the live model, then
+
+1. sweep the candidates (EXPO, ExMe; the paper's baselines for the report), each written into the live model and
+   scored in-process;
+2. choose the final model (`search.choose`);
+3. score the rows of the report's table with the held-out scorer, when there is one;
+4. write the chosen model, its tokenizer, the report, the model card and the mergekit recipe to the output folder,
+   atomically. A failure writes what was evaluated, with the error, to `<output>-failed/`, never over an earlier
+   result, and the plane always puts the trained weights back (unless asked to keep the chosen model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .arithmetic import DensePlane, Plane, Point, StateDict
+from .evaluators import Scorer, preserved_rng
+from .lora import LoraPlane, check_peft_model, is_peft_model
+from .report import Report, publish_dir
+from .search import (
+    DEFAULT_ALPHAS,
+    DEFAULT_BETAS,
+    DEFAULT_DENSITIES,
+    Candidate,
+    Checkpoint,
+    choose,
+    count_baselines,
+    count_candidates,
+    sweep,
+    sweep_baselines,
+)
+from .snapshots import trainable_tensors
+
+__all__ = ["SearchSettings", "check_model", "check_writable", "make_plane", "point_of", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What the sweep tries and how it chooses (see `ExMeCallback` for each argument)."""
+
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    betas: Sequence[float] = DEFAULT_BETAS
+    choose_from: str = "all"
+    baselines: bool = False
+
+
+def check_model(model: torch.nn.Module, save_merged: bool = False) -> None:
+    """Refuse, before any work, a model whose candidates cannot be built: unsupported PEFT set-ups, quantized
+    weights outside a LoRA adapter, no trainable parameters."""
+    peft = is_peft_model(model)
+    if peft:
+        check_peft_model(model)
+    quantized = getattr(model, "is_quantized", False) or any(not p.is_floating_point() for p in model.parameters())
+    if quantized and (not peft or save_merged):  # a `PeftModel` answers `is_quantized` for its base model
+        raise NotImplementedError(
+            "ExMe cannot blend quantized weights (int8/4-bit): their values are codes, not numbers to extrapolate. "
+            "Fine-tune a LoRA adapter on the quantized model (QLoRA) without `save_merged`, or load the model "
+            "unquantized."
+        )
+    if not trainable_tensors(model):
+        raise ValueError(
+            "ExMe found no trainable parameters in the model (all have `requires_grad=False`): nothing to "
+            "extrapolate."
+        )
+
+
+def check_writable(destination: str, setting: str) -> None:
+    """Fail before the work, not after it, when the result could not be written to `destination` (`setting`
+    names what the user changes to fix it)."""
+    parent = os.path.dirname(os.path.abspath(destination))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"ExMe writes its result to {destination}, but {parent} is not writable ({error}). Set {setting} to a "
+            "writable folder."
+        ) from error
+
+
+def make_plane(
+    model: torch.nn.Module,
+    base: StateDict,
+    checkpoints: Sequence[StateDict],
+    trained: StateDict,
+    *,
+    save_model: Callable[[str], None] | None = None,
+    save_merged: bool = False,
+) -> Plane:
+    """The plane of `model`: a `LoraPlane` for a PEFT model (an exact adapter), else a `DensePlane` over its
+    trainable parameters.
+
+    Args:
+        model (`torch.nn.Module`): the live model; its trainable tensors are the ones the kept tensors name.
+        base (`Mapping[str, torch.Tensor]`): the trainable tensors at the start of training.
+        checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): the kept checkpoints' trainable tensors, best first.
+        trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
+        save_model (`Callable[[str], None]`, *optional*): how a full model is saved (defaults to
+            `model.save_pretrained`).
+        save_merged (`bool`, *optional*, defaults to `False`): LoRA: also save the chosen model fused.
+    """
+    if is_peft_model(model):
+        return LoraPlane(model, base, checkpoints, trained, save_merged=save_merged)
+    return DensePlane(trainable_tensors(model), base, checkpoints, trained, save_model or model.save_pretrained)
+
+
+def point_of(candidate: Candidate) -> Point:
+    """What the plane applies for `candidate`: its coefficient vector, or, for the TIES and DARE baselines, the
+    merge of the task vectors of the checkpoints it uses (`peft.utils.merge_utils`, equal weights)."""
+    if candidate.on_span:
+        return candidate.coefficients
+    from peft.utils import merge_utils
+
+    used = [i for i, step in enumerate(candidate.steps) if step is not None]
+    density = candidate.hyper["density"]
+    if candidate.kind == "ties":  # trim, elect signs, disjoint mean
+        return lambda ds: merge_utils.ties([ds[i] for i in used], torch.ones(len(used)).to(ds[0]), density)
+    # DARE: random drop and rescale, then the mean (the mask is seeded by `apply`)
+    return lambda ds: merge_utils.dare_linear(
+        [ds[i] for i in used], torch.full((len(used),), 1.0 / len(used)).to(ds[0]), density
+    )
+
+
+def apply(plane: Plane, candidate: Candidate) -> None:
+    """Make the live model compute `candidate`; DARE's masks are seeded, so every application is the same model."""
+    with preserved_rng(seed=0) if candidate.kind == "dare" else contextlib.nullcontext():
+        plane.apply(point_of(candidate))
+
+
+def run(
+    model: torch.nn.Module,
+    plane: Plane,
+    checkpoints: Sequence[Checkpoint],
+    scorer: Scorer,
+    destination: str,
+    *,
+    settings: SearchSettings = SearchSettings(),
+    heldout: Scorer | None = None,
+    base: Candidate | None = None,
+    processing_class=None,
+    sources: dict | None = None,
+    keep_chosen: bool = False,
+    write: bool = True,
+    show_progress: bool = True,
+    on_candidate: Callable[[Candidate], None] | None = None,
+) -> Report:
+    """Sweep, choose, score held-out, publish: the whole of ExMe once the checkpoints are kept.
+
+    Args:
+        model (`torch.nn.Module`): the live model the plane writes into and the scorers evaluate.
+        plane (`Plane`): the span of the kept checkpoints over `model` (`make_plane`); closed on return.
+        checkpoints (`Sequence[Checkpoint]`): the kept checkpoints, best first, scored by `scorer` (their scores are
+            the SFT rows'); one per block of the plane.
+        scorer (`Scorer`): the selection score of a candidate.
+        destination (`str`): the output folder (`<output_dir>/exme`).
+        settings (`SearchSettings`, *optional*): grids, `choose_from` and the baselines.
+        heldout (`Scorer`, *optional*): scores the rows of the table on data that chose nothing.
+        base (`Candidate`, *optional*): the base model's row, already scored (the held-out score too, or it is
+            added here).
+        processing_class (*optional*): the tokenizer, saved beside the model.
+        sources (`dict`, *optional*): what the model card and the mergekit recipe name: `base_model` (an id or
+            folder), `checkpoints` (the kept checkpoints' folders), `adapter` (whether they are LoRA adapters).
+        keep_chosen (`bool`, *optional*, defaults to `False`): leave the chosen model in `model` instead of the
+            trained weights.
+        write (`bool`, *optional*, defaults to `True`): whether this process writes files (the main process).
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar over the evaluations.
+        on_candidate (`Callable[[Candidate], None]`, *optional*): called with each scored candidate (logging).
+
+    Returns:
+        `Report`: everything evaluated and chosen; also written to `destination`.
+    """
+    report = Report(
+        metric=scorer.objective.name,
+        greater_is_better=scorer.objective.greater_is_better,
+        checkpoints=list(checkpoints),
+        candidates=[],  # filled by the sweep as candidates are scored
+        final=None,
+        alphas=settings.alphas,
+        betas=settings.betas,
+        choose_from=settings.choose_from,
+        base=base,
+        columns=list(scorer.objective.metrics),
+        sources=dict(sources or {}),
+    )
+    if heldout is not None:
+        report.heldout_metric = heldout.objective.name
+        report.heldout_greater_is_better = heldout.objective.greater_is_better
+        report.heldout_columns = list(heldout.objective.metrics)
+    n = len(checkpoints)
+    progress = tqdm(
+        total=count_candidates(n, settings.alphas, settings.betas), desc="ExMe sweep", disable=not show_progress
+    )
+
+    def score(candidate: Candidate) -> Candidate:
+        apply(plane, candidate)
+        scorer.score_into(model, candidate)
+        if on_candidate is not None:
+            on_candidate(candidate)
+        progress.update()
+        return candidate
+
+    try:
+        # 1. The ExMe sweep (and the paper's baselines, for the report).
+        gib = report.greater_is_better
+        sweep(score, checkpoints, settings.alphas, settings.betas, gib, results=report.candidates)
+        if settings.baselines:
+            progress.total += count_baselines(n, settings.betas, DEFAULT_DENSITIES)
+            sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=report.candidates)
+        # 2. The choice.
+        report.final = choose(report.candidates, gib, settings.choose_from)
+        # 3. The held-out scores of the table's rows.
+        if heldout is not None:
+            rows = [c for c in {id(c): c for _, c in report.rows()}.values() if c.heldout_score is None]
+            progress.total += len(rows)
+            for candidate in rows:
+                apply(plane, candidate)
+                heldout.score_into(model, candidate, heldout=True)
+                progress.update()
+        # 4. The chosen model, saved.
+        apply(plane, report.final)
+        with publish_dir(destination, write=write) as folder:
+            if write:
+                saved = plane.save(folder)
+                report.saved = {kind: path.replace(folder, destination, 1) for kind, path in saved.items()}
+                if processing_class is not None:
+                    for path in saved.values():
+                        processing_class.save_pretrained(path)
+                report.write(folder)
+    except BaseException as error:
+        report.error = f"{type(error).__name__}: {error}"
+        if write:
+            _write_failure(report, destination + "-failed")
+        raise
+    finally:
+        progress.close()
+        plane.close(keep=keep_chosen and report.error is None)  # else the trained weights, exactly
+    return report
+
+
+def _write_failure(report: Report, destination: str) -> None:
+    """Write what the failed sweep evaluated, with the error, beside any earlier result (never over it)."""
+    try:
+        with publish_dir(destination) as folder:
+            report.write(folder)
+        logger.error(f"ExMe: the sweep failed ({report.error}); what it evaluated is in {destination}.")
+    except Exception as error:  # a full disk, say: the original error matters more
+        logger.error(f"ExMe: the sweep failed ({report.error}) and its report could not be written: {error}")
