@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a tiny model and few steps: checks the code path")
     parser.add_argument("--steps", type=int, help="training steps (default: 40, 16 with --smoke)")
     parser.add_argument("--eval-steps", type=int, help="evaluate a checkpoint every N steps (default: steps / 4)")
+    parser.add_argument(
+        "--save-checkpoints", action="store_true", help="keep every evaluated checkpoint on disk (for `exme run`)"
+    )
     args = parser.parse_args(argv)
     if args.smoke and args.model:
         parser.error("--smoke builds its own tiny model; leave out --model")
@@ -138,7 +141,8 @@ def main() -> None:
             warmup_steps=args.steps // 10,
             eval_strategy="steps",
             eval_steps=args.eval_steps,
-            save_strategy="no",
+            save_strategy="steps" if args.save_checkpoints else "no",
+            save_steps=args.eval_steps,
             logging_steps=args.eval_steps,
             max_length=128,
             report_to=[],

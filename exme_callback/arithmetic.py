@@ -258,14 +258,15 @@ class Plane(Protocol):
 
     - `apply(point)`: make the live model compute `base + sum_i c_i * d_i` for a coefficient vector, or
       `base + merge([d_1, ..., d_k])` for a `TaskVectorMerge` (TIES, DARE);
-    - `save(folder)`: save the model it computes now; returns what was written (`{"model": folder}`, or
-      `{"adapter": folder, "merged": ...}`), by kind;
+    - `save(folder, merged=False)`: save the model it computes now; returns what was written, by kind
+      (`{"model": folder}`, or `{"adapter": folder, "merged": ...}`); `merged=True` asks for a plain model
+      (a LoRA candidate fused into the base weights);
     - `close(keep=False)`: put the trained weights back, bit for bit (`keep=True` leaves the last candidate).
     """
 
     def apply(self, point: Point) -> None: ...
 
-    def save(self, folder: str) -> dict[str, str]: ...
+    def save(self, folder: str, merged: bool = False) -> dict[str, str]: ...
 
     def close(self, keep: bool = False) -> None: ...
 
@@ -302,7 +303,8 @@ class DensePlane:
         else:
             span_point(self.base, self.checkpoints, point, out=self.live)
 
-    def save(self, folder: str) -> dict[str, str]:
+    def save(self, folder: str, merged: bool = False) -> dict[str, str]:
+        """Save the live model with `save_model` (it is a plain model already: `merged` changes nothing)."""
         if self.save_model is None:
             raise ValueError("This `DensePlane` was built without `save_model`: it cannot save the model.")
         self.save_model(folder)

@@ -242,6 +242,7 @@ class ExMeCallback(TrainerCallback):
                 "metric": self.objective.name,
                 "kept": [asdict(c) for c in self._kept],
                 "base": None if self._base is None else self._base.to_dict(),
+                "base_model": self._sources(args, kwargs.get("model"))["base_model"],  # read by `exme run`
             }
             save_state(self._store, folder, info, ["base", *(f"step-{c.step}" for c in self._kept)])
 
@@ -303,6 +304,9 @@ class ExMeCallback(TrainerCallback):
 
     def _sources(self, args, model) -> dict:
         """What the model card and the mergekit recipe name: the base model and the kept checkpoints' folders."""
+        model = model if model is not None else getattr(self.trainer, "model", None)
+        if model is None:
+            return {"base_model": None, "checkpoints": [], "adapter": False}
         adapter = is_peft_model(model)
         config = model.peft_config[model.active_adapter] if adapter else None
         base_model = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", None)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from .arithmetic import Point, StateDict, TaskVectorMerge, merge_task_vectors, span_point
+from .evaluators import quiet_peft_save
 
 __all__ = ["LoraPlane", "check_peft_model", "is_peft_model"]
 
@@ -237,12 +238,13 @@ class LoraPlane:
                 parameters[name].copy_(tensor)
         self._base_layers.clear()
 
-    def save(self, folder: str) -> dict[str, str]:
-        """Save the current candidate: a PEFT adapter folder (and `merged/` with `save_merged`), or, for DoRA
-        runs, the fused model. Returns `{"adapter": folder, "merged": ...}` or `{"model": folder}`."""
+    def save(self, folder: str, merged: bool = False) -> dict[str, str]:
+        """Save the current candidate: a PEFT adapter folder (and `merged/` with `save_merged`), or the fused model
+        (`merged=True`, and always for DoRA runs). Returns `{"adapter": folder, "merged": ...}` or
+        `{"model": folder}`."""
         if self._off_span:
             raise ValueError("The live candidate is a merge off the span (TIES, DARE): it is not saved.")
-        if not self.exact_adapter:  # DoRA: the candidate is dense effective weights, saved fused
+        if merged or not self.exact_adapter:  # DoRA: the candidate is dense effective weights, saved fused
             self.save_merged(folder)
             return {"model": folder}
         self.save_adapter(folder)
@@ -277,7 +279,8 @@ class LoraPlane:
         config = self.model.peft_config[EXME_ADAPTER]
         config.bias = self.model.peft_config[self.adapter].bias  # so the candidate's biases are saved too
         try:
-            self.model.save_pretrained(staging, selected_adapters=[EXME_ADAPTER])
+            with quiet_peft_save():  # PEFT's warning about a base without config.json (GGUF): nothing to act on
+                self.model.save_pretrained(staging, selected_adapters=[EXME_ADAPTER])
         finally:
             config.bias = "none"
         source = os.path.join(staging, EXME_ADAPTER)  # PEFT writes adapters other than "default" to a subfolder

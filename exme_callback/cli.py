@@ -1,0 +1,318 @@
+"""The `exme` command: ExMe on runs that already finished, and one candidate written as a model.
+
+    exme run RUN_DIR --tasks my_task --include-path tasks/      # rank, sweep, choose, save RUN_DIR/exme/
+    exme run RUN_DIR --eval-data val.jsonl                      # scored by the eval loss on a local file
+    exme apply --base BASE --checkpoint A --checkpoint B --alpha1 0.2 --alpha2 0.1 --beta 0.5 OUT
+
+A thin shell over the library: `runs` reads the run and builds the plane, `pipeline.run` does what the callback's
+`on_train_end` does. Exit status: 0 on success, 1 when the work fails (a missing or corrupt checkpoint, a metric
+the history lacks, an unwritable output), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .search import CHOOSE_FROM, DEFAULT_ALPHAS, DEFAULT_BETAS, Checkpoint, exme_coefficients, validate_grid
+
+__all__ = ["main"]
+
+EPILOG = "Every model is a point base + sum_i c_i * (checkpoint_i - base); nothing is unpickled."
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class _Help(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default not in (None, False, argparse.SUPPRESS) and "default:" not in text:
+            shown = " ".join(f"{v:g}" for v in default) if isinstance(default, (list, tuple)) else default
+            text += f" (default: {shown})".replace("%", "%%")
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exme", description="Extrapolation Merging (ExMe) of a fine-tuning run's checkpoints.", epilog=EPILOG
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,apply}")
+    defaults = _Help
+
+    run = commands.add_parser(
+        "run",
+        help="ExMe on a finished Trainer/SFTTrainer run",
+        description="Rank a finished run's evaluated checkpoints, extrapolate the best two (EXPO), merge them (ExMe), "
+        "score every candidate in-process and save the best with its report, as the callback does.",
+        formatter_class=defaults,
+    )
+    run.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (checkpoint-* and trainer_state.json)")
+    ranking = run.add_argument_group("which checkpoints")
+    ranking.add_argument(
+        "--metric",
+        help="rank checkpoints by this metric of the run's log history (lower is better for names ending in 'loss'); "
+        "default: the run's metric_for_best_model, else eval_loss",
+    )
+    ranking.add_argument(
+        "--checkpoint", action="append", metavar="FOLDER", help="take these checkpoints (best first) instead of ranking"
+    )
+    _add_model_options(ranking)
+    scoring = run.add_argument_group("scoring (one of --tasks or --eval-data)")
+    scoring.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-eval tasks that choose the candidates")
+    scoring.add_argument("--include-path", help="a folder of lm-eval task YAML files")
+    scoring.add_argument("--eval-data", metavar="FILE.jsonl", help="score by eval loss: text, prompt/completion or messages records")
+    scoring.add_argument("--heldout-tasks", nargs="+", metavar="TASK", help="lm-eval tasks for the held-out columns")
+    scoring.add_argument("--heldout-include-path", help="task YAML folder of --heldout-tasks (default: --include-path)")
+    scoring.add_argument("--heldout-data", metavar="FILE.jsonl", help="held-out eval loss data")
+    scoring.add_argument("--limit", type=float, help="lm-eval: the first N documents of each task (a fraction if < 1)")
+    scoring.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: each task's own)")
+    scoring.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    search = run.add_argument_group("search")
+    search.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="extrapolation strengths")
+    search.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS), help="merge weights of EXPO-1")
+    search.add_argument("--choose-from", choices=tuple(CHOOSE_FROM), default="all", help="candidates the final model is chosen among")
+    search.add_argument("--baselines", action="store_true", help="also score weighted, TIES and DARE merges for the report")
+    output = run.add_argument_group("output")
+    output.add_argument("--output-dir", help="where the result goes (default: RUN_DIR/exme)")
+    output.add_argument("--save-merged", action="store_true", help="LoRA: also save the chosen model fused, in merged/")
+
+    apply = commands.add_parser(
+        "apply",
+        help="write one candidate as a loadable model folder",
+        description="Write base + sum_i c_i * (checkpoint_i - base) as a model folder (config, tokenizer, "
+        "safetensors), or as a PEFT adapter folder for LoRA checkpoints.",
+        formatter_class=defaults,
+    )
+    apply.add_argument("output", metavar="OUT", nargs="?", help="the folder to write (replaced atomically)")
+    apply.add_argument("--checkpoint", action="append", required=True, metavar="FOLDER", help="a checkpoint (repeat)")
+    _add_model_options(apply)
+    point = apply.add_mutually_exclusive_group(required=True)
+    point.add_argument("--coefficients", nargs="+", metavar="C", help="c_i, one per --checkpoint")
+    point.add_argument("--beta", type=float, help="ExMe: beta * EXPO-1(alpha1) + (1 - beta) * EXPO-2(alpha2)")
+    apply.add_argument("--alpha1", type=float, default=0.0, help="with --beta: EXPO-1's extrapolation strength")
+    apply.add_argument("--alpha2", type=float, default=0.0, help="with --beta: EXPO-2's extrapolation strength")
+    apply.add_argument("--merged", action="store_true", help="LoRA: write the model fused into the base weights")
+    return parser
+
+
+def _add_model_options(group) -> None:
+    group.add_argument("--base", help="base model id or folder (default: the base the checkpoints record)")
+    group.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
+    group.add_argument("--dtype", choices=DTYPES, default="auto", help="the model's dtype (auto: the checkpoint's)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `exme` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    try:
+        if args.command == "run":
+            _check_run_usage(parser, args)
+            _run(args)
+        else:
+            _check_apply_usage(parser, args)
+            _apply(args)
+    except (ValueError, KeyError, OSError, NotImplementedError, ImportError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"exme: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # a corrupt .safetensors file
+            raise
+        print(f"exme: error: a checkpoint file is corrupt ({error})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_run_usage(parser, args) -> None:
+    if bool(args.tasks) == bool(args.eval_data):
+        parser.error("give one of --tasks (lm-eval) or --eval-data (eval loss on a file) to score candidates")
+    if args.heldout_tasks and args.heldout_data:
+        parser.error("give --heldout-tasks or --heldout-data, not both")
+    if args.checkpoint and args.metric:
+        parser.error("--metric ranks the run's checkpoints; with --checkpoint they are given: leave one out")
+    try:
+        args.alphas = validate_grid("--alphas", args.alphas, low=0.0)
+        args.betas = validate_grid("--betas", args.betas, low=0.0, high=1.0)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error).replace("`", ""))
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.limit is not None and args.limit <= 0:
+        parser.error(f"--limit must be positive, got {args.limit:g}")
+
+
+def _check_apply_usage(parser, args) -> None:
+    if args.output is None and args.coefficients and not _is_number(args.coefficients[-1]):
+        args.output = args.coefficients.pop()  # `--coefficients X Y OUT`: the list stops at the folder
+    if args.output is None:
+        parser.error("the following arguments are required: OUT")
+    if args.coefficients is not None:
+        if not all(_is_number(c) for c in args.coefficients):
+            parser.error(f"--coefficients must be numbers, got {' '.join(args.coefficients)}")
+        args.coefficients = [float(c) for c in args.coefficients]
+    if args.coefficients is not None and len(args.coefficients) != len(args.checkpoint):
+        parser.error(
+            f"--coefficients needs one value per --checkpoint ({len(args.checkpoint)}), got {len(args.coefficients)}"
+        )
+    if args.beta is not None:
+        if len(args.checkpoint) != 2:
+            parser.error("--alpha1/--alpha2/--beta describe an ExMe merge of two checkpoints: give --checkpoint twice")
+        args.coefficients = list(exme_coefficients(args.alpha1, args.alpha2, args.beta))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _say(message: str) -> None:
+    """Progress for the person at the terminal (stderr: stdout is the report)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _run(args) -> None:
+    """`exme run`: rank, load, score the checkpoints and the base, then the pipeline."""
+    from . import pipeline
+    from .evaluators import Objective, Scorer
+    from .runs import load_plane, rank_run
+    from .search import Candidate
+
+    destination = os.path.abspath(args.output_dir or os.path.join(args.run_dir, "exme"))
+    pipeline.check_writable(destination, "--output-dir")
+
+    # 1. The checkpoints: ranked from the run's history, or given.
+    if args.checkpoint:
+        folders = args.checkpoint
+        steps = [_step_of(folder, i) for i, folder in enumerate(folders)]
+    else:
+        ranked = rank_run(args.run_dir, args.metric)
+        direction = "higher" if ranked.greater_is_better else "lower"
+        _say(
+            f"Ranked by {ranked.metric} ({direction} is better): "
+            + ", ".join(f"step {c.step} ({c.score:.6g})" for c in ranked.checkpoints)
+        )
+        if ranked.missing:
+            _say(f"Skipped, no longer on disk (save_total_limit?): steps {ranked.missing}")
+        folders = [ranked.folders[c.step] for c in ranked.checkpoints]
+        steps = [c.step for c in ranked.checkpoints]
+    if len(folders) == 1:
+        _say("Only one checkpoint: extrapolating it (EXPO) without a merge.")
+
+    # 2. The live model and the plane; the scorers.
+    loaded = load_plane(args.base, folders, dtype=_dtype(args.dtype), device=args.device, save_merged=args.save_merged)
+    model, plane = loaded.model, loaded.plane
+    scorer = _scorer(args.tasks, args.include_path, args.eval_data, loaded.tokenizer, args)
+    heldout = None
+    if args.heldout_tasks or args.heldout_data:
+        include = args.heldout_include_path or args.include_path
+        heldout = _scorer(args.heldout_tasks, include, args.heldout_data, loaded.tokenizer, args)
+
+    # 3. The checkpoints and the base, scored like every candidate (their rows of the table).
+    try:
+        k = len(folders)
+        checkpoints = []
+        for i, step in enumerate(steps):
+            plane.apply(tuple(float(i == j) for j in range(k)))
+            score, metrics = scorer(model)
+            checkpoints.append(Checkpoint(step, score, metrics))
+            _say(f"Checkpoint step {step}: {scorer.objective.name} = {score:.6g}")
+        plane.apply((0.0,) * k)
+        base = scorer.score_into(model, Candidate("base", (0.0,) * k))
+        if heldout is not None:
+            heldout.score_into(model, base, heldout=True)
+    except BaseException:
+        plane.close()
+        raise
+    sources = {"base_model": args.base or _recorded_base(folders), "checkpoints": [os.path.abspath(f) for f in folders]}
+    sources["adapter"] = loaded.adapter
+    settings = pipeline.SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
+    report = pipeline.run(
+        model,
+        plane,
+        checkpoints,
+        scorer,
+        destination,
+        settings=settings,
+        heldout=heldout,
+        base=base,
+        processing_class=loaded.tokenizer,
+        sources=sources,
+    )
+    print()
+    print(report.to_markdown())
+    print(f"Saved: {', '.join(f'{kind} in {path}' for kind, path in report.saved.items())}")
+
+
+def _apply(args) -> None:
+    """`exme apply`: one candidate, written as a model folder."""
+    from .report import publish_dir
+    from .runs import load_plane
+
+    loaded = load_plane(args.base, args.checkpoint, dtype=_dtype(args.dtype), device=args.device)
+    plane = loaded.plane
+    try:
+        plane.apply(tuple(args.coefficients))
+        with publish_dir(args.output) as folder:
+            saved = plane.save(folder, merged=args.merged)
+            for path in saved.values():
+                loaded.tokenizer.save_pretrained(path)
+    finally:
+        plane.close()
+    terms = " + ".join(f"{c:g} * d{i + 1}" for i, c in enumerate(args.coefficients))
+    print(f"Wrote base + {terms} to {os.path.abspath(args.output)}")
+
+
+def _scorer(tasks, include_path, data, tokenizer, args):
+    from .evaluators import LMEvalEvaluator, LossEvaluator, Objective, Scorer
+
+    if tasks:
+        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+        evaluator = LMEvalEvaluator(
+            tasks,
+            tokenizer,
+            include_path=include_path,
+            limit=limit,
+            batch_size=args.batch_size,
+            num_fewshot=args.num_fewshot,
+        )
+    else:
+        evaluator = LossEvaluator(data, tokenizer, batch_size=args.batch_size)
+    return Scorer(evaluator, Objective(evaluator.directions))
+
+
+def _step_of(folder: str, index: int) -> int:
+    """The global step of a checkpoint folder: from its trainer_state.json, else its name, else its position."""
+    from .runs import CHECKPOINT
+
+    path = os.path.join(folder, "trainer_state.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f).get("global_step", index + 1))
+    match = CHECKPOINT.search(os.path.normpath(folder))
+    return int(match.group(1)) if match else index + 1
+
+
+def _recorded_base(folders: list[str]) -> str | None:
+    from .runs import base_of
+
+    return base_of(folders[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
