@@ -7,7 +7,6 @@ the kept checkpoints to the pipeline (`pipeline.run`), which sweeps, chooses and
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,10 +18,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import pipeline
 from .evaluators import Evaluator, LMEvalEvaluator, Objective, Scorer, TrainerEvaluator
-from .lora import is_peft_model
 from .report import Report
-from .search import CHOOSE_FROM, DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, rank_checkpoints, validate_grid
-from .snapshots import STATE_DIR, STORAGES, SnapshotStore, load_state, save_state, trainable_tensors
+from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, rank_checkpoints
+from .snapshots import STORAGES, SnapshotStore, load_resume_state, save_state, trainable_tensors
 
 __all__ = ["ExMeCallback"]
 
@@ -62,10 +60,9 @@ class ExMeCallback(TrainerCallback):
         metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
             The selection score: one metric, or several averaged like the ExMe paper's overall score, each with
             its direction (`{"eval_accuracy": "max", "eval_loss": "min"}`; a bare name is lower-is-better when it
-            ends in `"loss"`). Defaults to the trainer's `metric_for_best_model` and `greater_is_better`, else
-            `"eval_loss"` (lower is better). With an `LMEvalEvaluator`, the default is the mean of all its task
-            metrics, like the paper's "Average" column. The report evaluator's score averages its own metrics the
-            same way: see `report_metrics`.
+            ends in `"loss"`). Defaults to the mean of the evaluator's `directions` (an `LMEvalEvaluator`'s task
+            metrics, like the paper's "Average" column), else the trainer's `metric_for_best_model` and
+            `greater_is_better`, else `"eval_loss"`.
         report_metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
             The report evaluator's score, in the format of `metrics`. Defaults to its `directions` (an
             `LMEvalEvaluator`'s task metrics), else to the selection metrics.
@@ -81,8 +78,7 @@ class ExMeCallback(TrainerCallback):
             `"all"`: the final model is the best of every SFT, EXPO and ExMe candidate, so it is never worse than
             the best checkpoint on the selection score. `"exme"`: the best ExMe merge, as the paper reports it.
         storage (`str`, *optional*, defaults to `"cpu"`):
-            Where kept tensors live: `"cpu"` memory, or `"disk"` (safetensors in `<output_dir>/exme-snapshots`,
-            removed at the end).
+            Where kept tensors live: `"cpu"` memory, or `"disk"` (safetensors in `<output_dir>/exme-snapshots`).
         output_dir (`str`, *optional*):
             Where the result is written; defaults to `<args.output_dir>/exme`.
         load_exme_at_end (`bool`, *optional*, defaults to `False`):
@@ -137,16 +133,12 @@ class ExMeCallback(TrainerCallback):
                 "ExMeCallback needs a way to score candidates: pass the trainer (`ExMeCallback(trainer)`) or an "
                 "`evaluator=fn` with `fn(model) -> dict[str, float]`."
             )
-        if choose_from not in CHOOSE_FROM:
-            raise ValueError(f"`choose_from` must be one of {tuple(CHOOSE_FROM)}, got {choose_from!r}")
         if storage not in STORAGES:
             raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
         flags = {"load_exme_at_end": load_exme_at_end, "save_merged": save_merged, "evaluate_base": evaluate_base}
-        for name, flag in {**flags, "baselines": baselines}.items():
+        for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        if baselines and importlib.util.find_spec("peft") is None:
-            raise ImportError("`baselines=True` merges with PEFT's TIES and DARE: `pip install 'exme-callback[peft]'`.")
         if report_metrics is not None and report_evaluator is None:
             raise ValueError("`report_metrics` names the metrics of `report_evaluator`, which is not given.")
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
@@ -157,12 +149,7 @@ class ExMeCallback(TrainerCallback):
         # The objectives; when None, resolved at on_train_begin from the evaluators' `directions` or the trainer.
         self.objective = None if metrics is None else Objective.from_spec(metrics)
         self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
-        self.settings = pipeline.SearchSettings(
-            alphas=validate_grid("alphas", alphas, low=0.0),
-            betas=validate_grid("betas", betas, low=0.0, high=1.0),
-            choose_from=choose_from,
-            baselines=baselines,
-        )
+        self.settings = pipeline.SearchSettings(alphas, betas, choose_from, baselines)
         self.storage = storage
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end, self.save_merged, self.evaluate_base = load_exme_at_end, save_merged, evaluate_base
@@ -180,22 +167,24 @@ class ExMeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._destination = os.path.abspath(self.output_dir or os.path.join(args.output_dir, "exme"))
-        self._check_run(args, state, model)
+        if model is None:
+            raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
+        uses_trainer = isinstance(self.evaluator, TrainerEvaluator)
+        pipeline.check_trainer_run(args, self.trainer, needs_eval_dataset=uses_trainer)
+        pipeline.check_model(model, save_merged=self.save_merged)
+        if state.is_world_process_zero:
+            pipeline.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
         for evaluator in (self.evaluator, self.report_evaluator):
             if isinstance(evaluator, LMEvalEvaluator) and evaluator.tokenizer is None:
                 evaluator.tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
-        if self.objective is None:
-            directions = getattr(self.evaluator, "directions", None)
-            self.objective = (
-                Objective(directions)
-                if directions
-                else Objective.from_spec(None, args.metric_for_best_model, args.greater_is_better)
-            )
+        self.objective = self.objective or Objective.for_evaluator(
+            self.evaluator, args.metric_for_best_model, args.greater_is_better
+        )
         self._scorer = Scorer(self.evaluator, self.objective, trainer=self.trainer)
         if self.report_evaluator is not None:
-            if self.heldout_objective is None:
-                directions = getattr(self.report_evaluator, "directions", None)
-                self.heldout_objective = Objective(directions or self.objective.metrics)
+            self.heldout_objective = self.heldout_objective or Objective(
+                getattr(self.report_evaluator, "directions", None) or self.objective.metrics
+            )
             self._heldout = Scorer(self.report_evaluator, self.heldout_objective, "report_evaluator", self.trainer)
         self._store = SnapshotStore(self.storage, os.path.join(args.output_dir, "exme-snapshots"))
         self._kept, self._base, self.report = [], None, None
@@ -218,7 +207,8 @@ class ExMeCallback(TrainerCallback):
         else:
             score, metrics = self._scorer(model)
             if self.trainer is not None:  # the trainer logged its own evaluation; this one is the callback's
-                self.trainer.log({"exme/checkpoint/score": score, **{f"exme/checkpoint/{k}": v for k, v in metrics.items()}})
+                logs = {"score": score, **metrics}
+                self.trainer.log({f"exme/checkpoint/{k}": v for k, v in logs.items()})
         if step == 0:
             self._score_base(model, score, metrics)
             return
@@ -236,13 +226,13 @@ class ExMeCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         """Write the callback's state into the new checkpoint, so a resumed run ends with the same result."""
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = self._folder(args, state.global_step)
         if self._training and state.is_world_process_zero and os.path.isdir(folder):
             info = {
                 "metric": self.objective.name,
                 "kept": [asdict(c) for c in self._kept],
                 "base": None if self._base is None else self._base.to_dict(),
-                "base_model": self._sources(args, kwargs.get("model"))["base_model"],  # read by `exme run`
+                "base_model": pipeline.sources_of(kwargs["model"], [])["base_model"],  # read by `exme run`
             }
             save_state(self._store, folder, info, ["base", *(f"step-{c.step}" for c in self._kept)])
 
@@ -257,11 +247,6 @@ class ExMeCallback(TrainerCallback):
                     "and nothing was written. Evaluate during training (`eval_strategy='steps'` and `eval_steps`)."
                 )
                 return
-            if len(self._kept) == 1:
-                logger.warning(
-                    "ExMe: only one checkpoint was evaluated during training; extrapolating it (EXPO) without a "
-                    "merge. Evaluate more often to merge two checkpoints."
-                )
             store = self._store
             store.save("trained", trainable_tensors(model))
             plane = pipeline.make_plane(
@@ -282,13 +267,16 @@ class ExMeCallback(TrainerCallback):
                 heldout=self._heldout,
                 base=self._base,
                 processing_class=processing_class or getattr(self.trainer, "processing_class", None),
-                sources=self._sources(args, model),
+                sources=pipeline.sources_of(model, [self._folder(args, c.step) for c in self._kept]),
                 keep_chosen=self.load_exme_at_end,
                 write=state.is_world_process_zero,
                 show_progress=not args.disable_tqdm and state.is_world_process_zero,
                 on_candidate=self._log_candidate,
             )
-            self._log_result()
+            message, logs = self.report.summary()
+            logger.info(message)
+            if self.trainer is not None:
+                self.trainer.log(logs)
         finally:
             self._store.clear()
 
@@ -302,17 +290,6 @@ class ExMeCallback(TrainerCallback):
         if self._heldout is not None:  # also checks the report evaluator's metrics before training
             self._heldout.score_into(model, self._base, heldout=True)
 
-    def _sources(self, args, model) -> dict:
-        """What the model card and the mergekit recipe name: the base model and the kept checkpoints' folders."""
-        model = model if model is not None else getattr(self.trainer, "model", None)
-        if model is None:
-            return {"base_model": None, "checkpoints": [], "adapter": False}
-        adapter = is_peft_model(model)
-        config = model.peft_config[model.active_adapter] if adapter else None
-        base_model = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", None)
-        folders = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{c.step}") for c in self._kept]
-        return {"base_model": base_model or None, "checkpoints": folders, "adapter": adapter}
-
     def _log_candidate(self, candidate: Candidate) -> None:
         """Each candidate's score, under `exme/` keys, through the trainer's logging (TensorBoard, W&B, ...)."""
         if self.trainer is None or not candidate.valid:
@@ -322,67 +299,14 @@ class ExMeCallback(TrainerCallback):
         logs.update({f"exme/{candidate.kind}/{k}": v for k, v in {**fields, **candidate.hyper}.items()})
         self.trainer.log(logs)
 
-    def _log_result(self) -> None:
-        report = self.report
-        reference, final = report.best_sft, report.final
-        coefficients = ", ".join(f"c{i + 1}={c:.4g}" for i, c in enumerate(final.coefficients))
-        logs = {"exme/score": final.score, **{f"exme/c{i + 1}": c for i, c in enumerate(final.coefficients)}}
-        message = f"ExMe: chose {final.kind} ({coefficients}), {report.metric}={final.score:.6g}"
-        if reference is not None:
-            logs["exme/best_sft_score"] = reference.score
-            logs["exme/gain"] = (final.score - reference.score) * (1 if report.greater_is_better else -1)
-            message += f"; best checkpoint {reference.score:.6g}, gain {logs['exme/gain']:+.6g}"
-        logger.info(message)
-        if self.trainer is not None:
-            if report.best_exme is not None:
-                logs["exme/best_exme_score"] = report.best_exme.score
-            self.trainer.log(logs)
+    @staticmethod
+    def _folder(args, step: int) -> str:
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
     def _load_state(self, args, state) -> None:
         """Take the kept state back from the checkpoint training resumes from."""
-        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        places = [os.path.join(args.output_dir, name)]
-        if args.resume_from_checkpoint and os.path.basename(os.path.normpath(args.resume_from_checkpoint)) == name:
-            places.insert(0, args.resume_from_checkpoint)
-        folder = next((p for p in places if os.path.isdir(os.path.join(p, STATE_DIR))), None)
-        if folder is None:
-            raise FileNotFoundError(
-                f"Training resumes from step {state.global_step}, but {places[-1]} has no ExMe state ({STATE_DIR}/): "
-                "the base model's weights are not there. Resume from a checkpoint saved with ExMeCallback, or start "
-                "the run from the beginning."
-            )
-        saved = load_state(self._store, folder)
-        if saved["metric"] != self.objective.name:
-            raise ValueError(
-                f"The checkpoint's ExMe state ranks checkpoints by {saved['metric']!r}, but this run uses "
-                f"{self.objective.name!r}. Resume with the same `metrics` / `metric_for_best_model`."
-            )
+        saved = load_resume_state(
+            self._store, args.output_dir, state.global_step, args.resume_from_checkpoint, self.objective.name
+        )
         self._kept = [Checkpoint(**c) for c in saved["kept"]]
         self._base = None if saved["base"] is None else Candidate.from_dict(saved["base"])
-
-    def _check_run(self, args, state, model) -> None:
-        if args.eval_strategy == "no":
-            raise ValueError(
-                "ExMeCallback ranks checkpoints by their evaluations, but `eval_strategy` is 'no'. Set "
-                "`eval_strategy='steps'` with `eval_steps`, or `eval_strategy='epoch'`."
-            )
-        if isinstance(self.evaluator, TrainerEvaluator) and self.trainer.eval_dataset is None:
-            raise ValueError(
-                "ExMeCallback scores candidates with the trainer's evaluation, but the trainer has no "
-                "`eval_dataset`. Pass `eval_dataset=` to the trainer, or `evaluator=` to the callback."
-            )
-        if model is None:
-            raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
-        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
-            raise NotImplementedError(
-                "ExMeCallback does not support FSDP yet (its kept tensors would be shards). Supported: one process, "
-                "or DDP (`torchrun`/`accelerate launch` without FSDP or DeepSpeed)."
-            )
-        if getattr(self.trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
-            raise NotImplementedError(
-                "ExMeCallback does not support DeepSpeed yet (ZeRO partitions the weights it blends). Supported: one "
-                "process, or DDP (`torchrun`/`accelerate launch` without FSDP or DeepSpeed)."
-            )
-        pipeline.check_model(model, save_merged=self.save_merged)
-        if state.is_world_process_zero:
-            pipeline.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")

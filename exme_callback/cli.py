@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         "score every candidate in-process and save the best with its report, as the callback does.",
         formatter_class=defaults,
     )
-    run.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (checkpoint-* and trainer_state.json)")
+    run.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the run's output folder (checkpoint-* and trainer_state.json)"
+    )
     ranking = run.add_argument_group("which checkpoints")
     ranking.add_argument(
         "--metric",
@@ -59,27 +61,42 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the run's metric_for_best_model, else eval_loss",
     )
     ranking.add_argument(
-        "--checkpoint", action="append", metavar="FOLDER", help="take these checkpoints (best first) instead of ranking"
+        "--checkpoint",
+        action="append",
+        metavar="FOLDER",
+        help="take these checkpoints (best first) instead of ranking",
     )
     _add_model_options(ranking)
     scoring = run.add_argument_group("scoring (one of --tasks or --eval-data)")
     scoring.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-eval tasks that choose the candidates")
     scoring.add_argument("--include-path", help="a folder of lm-eval task YAML files")
-    scoring.add_argument("--eval-data", metavar="FILE.jsonl", help="score by eval loss: text, prompt/completion or messages records")
+    scoring.add_argument(
+        "--eval-data", metavar="FILE.jsonl", help="score by eval loss: text, prompt/completion or messages records"
+    )
     scoring.add_argument("--heldout-tasks", nargs="+", metavar="TASK", help="lm-eval tasks for the held-out columns")
-    scoring.add_argument("--heldout-include-path", help="task YAML folder of --heldout-tasks (default: --include-path)")
+    scoring.add_argument(
+        "--heldout-include-path", help="task YAML folder of --heldout-tasks (default: --include-path)"
+    )
     scoring.add_argument("--heldout-data", metavar="FILE.jsonl", help="held-out eval loss data")
     scoring.add_argument("--limit", type=float, help="lm-eval: the first N documents of each task (a fraction if < 1)")
     scoring.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: each task's own)")
     scoring.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
     search = run.add_argument_group("search")
-    search.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="extrapolation strengths")
+    search.add_argument(
+        "--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="extrapolation strengths"
+    )
     search.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS), help="merge weights of EXPO-1")
-    search.add_argument("--choose-from", choices=tuple(CHOOSE_FROM), default="all", help="candidates the final model is chosen among")
-    search.add_argument("--baselines", action="store_true", help="also score weighted, TIES and DARE merges for the report")
+    search.add_argument(
+        "--choose-from", choices=tuple(CHOOSE_FROM), default="all", help="candidates the final model is chosen among"
+    )
+    search.add_argument(
+        "--baselines", action="store_true", help="also score weighted, TIES and DARE merges for the report"
+    )
     output = run.add_argument_group("output")
     output.add_argument("--output-dir", help="where the result goes (default: RUN_DIR/exme)")
-    output.add_argument("--save-merged", action="store_true", help="LoRA: also save the chosen model fused, in merged/")
+    output.add_argument(
+        "--save-merged", action="store_true", help="LoRA: also save the chosen model fused, in merged/"
+    )
 
     apply = commands.add_parser(
         "apply",
@@ -189,7 +206,6 @@ def _dtype(name: str):
 def _run(args) -> None:
     """`exme run`: rank, load, score the checkpoints and the base, then the pipeline."""
     from . import pipeline
-    from .evaluators import Objective, Scorer
     from .runs import load_plane, rank_run
     from .search import Candidate
 
@@ -211,8 +227,6 @@ def _run(args) -> None:
             _say(f"Skipped, no longer on disk (save_total_limit?): steps {ranked.missing}")
         folders = [ranked.folders[c.step] for c in ranked.checkpoints]
         steps = [c.step for c in ranked.checkpoints]
-    if len(folders) == 1:
-        _say("Only one checkpoint: extrapolating it (EXPO) without a merge.")
 
     # 2. The live model and the plane; the scorers.
     loaded = load_plane(args.base, folders, dtype=_dtype(args.dtype), device=args.device, save_merged=args.save_merged)
@@ -239,7 +253,10 @@ def _run(args) -> None:
     except BaseException:
         plane.close()
         raise
-    sources = {"base_model": args.base or _recorded_base(folders), "checkpoints": [os.path.abspath(f) for f in folders]}
+    sources = {
+        "base_model": args.base or _recorded_base(folders),
+        "checkpoints": [os.path.abspath(f) for f in folders],
+    }
     sources["adapter"] = loaded.adapter
     settings = pipeline.SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
     report = pipeline.run(
@@ -293,7 +310,7 @@ def _scorer(tasks, include_path, data, tokenizer, args):
         )
     else:
         evaluator = LossEvaluator(data, tokenizer, batch_size=args.batch_size)
-    return Scorer(evaluator, Objective(evaluator.directions))
+    return Scorer(evaluator, Objective.for_evaluator(evaluator))
 
 
 def _step_of(folder: str, index: int) -> int:

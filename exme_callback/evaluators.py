@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -37,7 +36,6 @@ __all__ = [
     "Scorer",
     "TrainerEvaluator",
     "preserved_rng",
-    "quiet_peft_save",
 ]
 
 Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
@@ -107,6 +105,15 @@ class Objective:
         if len(set(metrics)) != len(metrics):
             raise ValueError(f"`metrics` must not repeat a name, got {metrics!r}")
         return cls({name: _default_direction(name) for name in metrics})
+
+    @classmethod
+    def for_evaluator(
+        cls, evaluator, metric_for_best_model: str | None = None, greater_is_better: bool | None = None
+    ) -> Objective:
+        """The default objective of an evaluator: the mean of its `directions` (an `LMEvalEvaluator`'s task
+        metrics, a `LossEvaluator`'s `eval_loss`), else the trainer's `metric_for_best_model` (see `from_spec`)."""
+        directions = getattr(evaluator, "directions", None)
+        return cls(directions) if directions else cls.from_spec(None, metric_for_best_model, greater_is_better)
 
     @property
     def name(self) -> str:
@@ -652,30 +659,3 @@ def _record_format(record: Any, where: str) -> str:
             f"`messages` field; got {got}."
         )
     return found[0]
-
-
-@contextlib.contextmanager
-def quiet_peft_save() -> Iterator[None]:
-    """Save a PEFT adapter without PEFT's warning that the base model's folder has no `config.json`.
-
-    `PeftModel.save_pretrained` (through `peft.utils.get_peft_model_state_dict`, with the default
-    `save_embedding_layers="auto"`) looks for `config.json` in the base model's folder, to tell whether the
-    vocabulary was resized. A base model loaded from a GGUF file has no such file, so PEFT warns
-    `"Could not find a config file in {folder} - will assume that the vocabulary was not modified."` on every save.
-    This hides exactly that warning during the block; every other warning shows as usual.
-
-    Example:
-
-    ```python
-    >>> with quiet_peft_save():
-    ...     peft_model.save_pretrained(output_dir)
-    ```
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=r"Could not find a config file in .* - will assume that the vocabulary was not modified\.",
-            category=UserWarning,
-            module=r"peft\.",
-        )
-        yield

@@ -31,16 +31,17 @@ combined as in full fine-tuning into the `"exme"` adapter's own copies (biases, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from .arithmetic import Point, StateDict, TaskVectorMerge, merge_task_vectors, span_point
-from .evaluators import quiet_peft_save
 
-__all__ = ["LoraPlane", "check_peft_model", "is_peft_model"]
+__all__ = ["LoraPlane", "check_peft_model", "is_peft_model", "quiet_peft_save"]
 
 EXME_ADAPTER = "exme"
 
@@ -387,3 +388,30 @@ def _live_factors(layer, adapter: str):
 
 def _rename_adapter(name: str, old: str, new: str) -> str:
     return ".".join(new if part == old else part for part in name.split("."))
+
+
+@contextlib.contextmanager
+def quiet_peft_save() -> Iterator[None]:
+    """Save a PEFT adapter without PEFT's warning that the base model's folder has no `config.json`.
+
+    `PeftModel.save_pretrained` (through `peft.utils.get_peft_model_state_dict`, with the default
+    `save_embedding_layers="auto"`) looks for `config.json` in the base model's folder, to tell whether the
+    vocabulary was resized. A base model loaded from a GGUF file has no such file, so PEFT warns
+    `"Could not find a config file in {folder} - will assume that the vocabulary was not modified."` on every save.
+    This hides exactly that warning during the block; every other warning shows as usual.
+
+    Example:
+
+    ```python
+    >>> with quiet_peft_save():
+    ...     peft_model.save_pretrained(output_dir)
+    ```
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Could not find a config file in .* - will assume that the vocabulary was not modified\.",
+            category=UserWarning,
+            module=r"peft\.",
+        )
+        yield

@@ -16,6 +16,7 @@ The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -30,6 +31,7 @@ from .evaluators import Scorer, preserved_rng
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
 from .search import (
+    CHOOSE_FROM,
     DEFAULT_ALPHAS,
     DEFAULT_BETAS,
     DEFAULT_DENSITIES,
@@ -40,22 +42,78 @@ from .search import (
     count_candidates,
     sweep,
     sweep_baselines,
+    validate_grid,
 )
 from .snapshots import trainable_tensors
 
-__all__ = ["SearchSettings", "check_model", "check_writable", "make_plane", "point_of", "run"]
+__all__ = [
+    "SearchSettings",
+    "check_model",
+    "check_trainer_run",
+    "check_writable",
+    "make_plane",
+    "point_of",
+    "run",
+    "sources_of",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """What the sweep tries and how it chooses (see `ExMeCallback` for each argument)."""
+    """What the sweep tries and how it chooses (see `ExMeCallback` for each argument), validated on creation."""
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
     betas: Sequence[float] = DEFAULT_BETAS
     choose_from: str = "all"
     baselines: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0))
+        object.__setattr__(self, "betas", validate_grid("betas", self.betas, low=0.0, high=1.0))
+        if self.choose_from not in CHOOSE_FROM:
+            raise ValueError(f"`choose_from` must be one of {tuple(CHOOSE_FROM)}, got {self.choose_from!r}")
+        if not isinstance(self.baselines, bool):
+            raise TypeError(f"`baselines` must be a bool, got {self.baselines!r}")
+        if self.baselines and importlib.util.find_spec("peft") is None:
+            raise ImportError(
+                "`baselines=True` merges with PEFT's TIES and DARE: `pip install 'exme-callback[peft]'`."
+            )
+
+
+def sources_of(model: torch.nn.Module, checkpoints: Sequence[str]) -> dict:
+    """What the model card and the mergekit recipe name: the base model the live model records (an adapter's
+    `base_model_name_or_path`, else the config's `name_or_path`), the kept checkpoints' folders, and whether they
+    are LoRA adapters."""
+    adapter = is_peft_model(model)
+    config = model.peft_config[model.active_adapter] if adapter else None
+    base = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return {"base_model": base or None, "checkpoints": list(checkpoints), "adapter": adapter}
+
+
+def check_trainer_run(args, trainer=None, needs_eval_dataset: bool = False) -> None:
+    """Refuse, before training, a `Trainer` run whose checkpoints ExMe cannot rank or whose weights it cannot blend,
+    saying how to fix it."""
+    if args.eval_strategy == "no":
+        raise ValueError(
+            "ExMeCallback ranks checkpoints by their evaluations, but `eval_strategy` is 'no'. Set "
+            "`eval_strategy='steps'` with `eval_steps`, or `eval_strategy='epoch'`."
+        )
+    if needs_eval_dataset and trainer.eval_dataset is None:
+        raise ValueError(
+            "ExMeCallback scores candidates with the trainer's evaluation, but the trainer has no `eval_dataset`. "
+            "Pass `eval_dataset=` to the trainer, or `evaluator=` to the callback."
+        )
+    supported = "Supported: one process, or DDP (`torchrun`/`accelerate launch` without FSDP or DeepSpeed)."
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+        raise NotImplementedError(
+            f"ExMeCallback does not support FSDP yet (its kept tensors would be shards). {supported}"
+        )
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
+        raise NotImplementedError(
+            f"ExMeCallback does not support DeepSpeed yet (ZeRO partitions the weights it blends). {supported}"
+        )
 
 
 def check_model(model: torch.nn.Module, save_merged: bool = False) -> None:
@@ -73,8 +131,7 @@ def check_model(model: torch.nn.Module, save_merged: bool = False) -> None:
         )
     if not trainable_tensors(model):
         raise ValueError(
-            "ExMe found no trainable parameters in the model (all have `requires_grad=False`): nothing to "
-            "extrapolate."
+            "ExMe found no trainable parameters in the model (all have `requires_grad=False`): nothing to extrapolate."
         )
 
 
@@ -202,6 +259,11 @@ def run(
         report.heldout_greater_is_better = heldout.objective.greater_is_better
         report.heldout_columns = list(heldout.objective.metrics)
     n = len(checkpoints)
+    if n == 1:
+        logger.warning(
+            "ExMe: only one checkpoint was evaluated; extrapolating it (EXPO) without a merge. Evaluate more often "
+            "to merge two checkpoints."
+        )
     progress = tqdm(
         total=count_candidates(n, settings.alphas, settings.betas), desc="ExMe sweep", disable=not show_progress
     )

@@ -60,6 +60,22 @@ class Report:
     def best_exme(self) -> Candidate | None:
         return best(self.candidates, self.greater_is_better, kinds=("exme",))
 
+    def summary(self) -> tuple[str, dict[str, float]]:
+        """One line saying what was chosen and what it gained over the best checkpoint, and the same as scalar logs
+        under `exme/` keys (`exme/score`, `exme/c1`, ..., `exme/gain`, ...)."""
+        reference, final = self.best_sft, self.final
+        coefficients = dict(zip((f"c{i + 1}" for i in range(len(final.coefficients))), final.coefficients))
+        logs = {"exme/score": final.score, **{f"exme/{name}": c for name, c in coefficients.items()}}
+        terms = ", ".join(f"{name}={c:.4g}" for name, c in coefficients.items())
+        message = f"ExMe: chose {final.kind} ({terms}), {self.metric}={final.score:.6g}"
+        if reference is not None:
+            logs["exme/best_sft_score"] = reference.score
+            logs["exme/gain"] = (final.score - reference.score) * (1 if self.greater_is_better else -1)
+            message += f"; best checkpoint {reference.score:.6g}, gain {logs['exme/gain']:+.6g}"
+        if self.best_exme is not None:
+            logs["exme/best_exme_score"] = self.best_exme.score
+        return message, logs
+
     def rows(self) -> list[tuple[str, Candidate]]:
         """The rows of the ExMe paper's Table 1: Base, SFT-1, SFT-2, the baselines (best of each), EXPO-1, EXPO-2
         (best alpha each), the best ExMe merge and the chosen model. Rows without a candidate are left out."""
@@ -245,11 +261,10 @@ class Report:
             "",
             "# ExMe merge" + (f" of `{base}`" if base else ""),
             "",
-            "This model was made by Extrapolation Merging ([ExMe](https://arxiv.org/abs/2503.04834)) of the checkpoints "
-            "of one fine-tuning run, with exme-callback: the"
-            f" checkpoints were ranked by `{self.metric}` ({steps}), each extrapolated away from the base model"
-            " ([EXPO](https://arxiv.org/abs/2404.16792)) and the two merged; every candidate was evaluated and the best"
-            f" kept ({final.kind}, {_hyper(final)}).",
+            "This model was made by Extrapolation Merging ([ExMe](https://arxiv.org/abs/2503.04834)) of the "
+            f"checkpoints of one fine-tuning run, with exme-callback: the checkpoints were ranked by `{self.metric}` "
+            f"({steps}), each extrapolated away from the base model ([EXPO](https://arxiv.org/abs/2404.16792)) and "
+            f"the two merged; every candidate was evaluated and the best kept ({final.kind}, {_hyper(final)}).",
             "",
             f"Weights: `base + {terms}`." if terms else "",
             "",
@@ -262,8 +277,8 @@ class Report:
             f"from transformers import AutoModelForCausalLM\n{imports}{load}",
             "```",
             "",
-            f"`{MERGEKIT_RECIPE}` is the same merge as a mergekit configuration (task arithmetic, `normalize: false`),",
-            f"`{REPORT_JSON}` every candidate evaluated.",
+            f"`{MERGEKIT_RECIPE}` is the same merge as a mergekit configuration (task arithmetic, "
+            f"`normalize: false`), `{REPORT_JSON}` every candidate evaluated.",
         ]
         return "\n".join(lines) + "\n"
 

@@ -238,7 +238,9 @@ def _tokenizer(base: str, folders: list[str], gguf_file: str | None):
     for folder in folders:  # the trainer saves its processing class into each checkpoint
         if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(base, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(base)
+    return (
+        AutoTokenizer.from_pretrained(base, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(base)
+    )
 
 
 def load_plane(
@@ -318,7 +320,9 @@ def _adapters(model, folders: list[str]):
     for folder, config in zip(folders[1:], configs[1:]):
         differ = [key for key in shape if getattr(config, key) != getattr(configs[0], key)]
         if differ:
-            raise ValueError(f"{folder}'s adapter differs from {folders[0]}'s in {differ}: not checkpoints of one run.")
+            raise ValueError(
+                f"{folder}'s adapter differs from {folders[0]}'s in {differ}: not checkpoints of one run."
+            )
     if configs[0].init_lora_weights not in (True, False, "gaussian"):
         raise ValueError(
             f"{folders[0]}: adapters initialized with {configs[0].init_lora_weights!r} start from a non-zero adapter "

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["SnapshotStore", "load_state", "save_state", "trainable_tensors"]
+__all__ = ["SnapshotStore", "load_resume_state", "load_state", "save_state", "trainable_tensors"]
 
 STORAGES = ("cpu", "disk")
 STATE_DIR, STATE_FILE = "exme", "exme_state.json"  # the run state inside each checkpoint folder
@@ -190,6 +190,32 @@ def load_state(store: SnapshotStore, checkpoint: str) -> dict:
     for key in saved["snapshots"]:
         store.import_(key, os.path.dirname(path))
     return saved["info"]
+
+
+def load_resume_state(
+    store: SnapshotStore, output_dir: str, step: int, resume_from_checkpoint: str | None, metric: str
+) -> dict:
+    """`load_state` of the checkpoint a `Trainer` run resumes from (`<output_dir>/checkpoint-<step>`, or the folder
+    given to `resume_from_checkpoint`), which must have ranked its checkpoints by `metric`; the errors say how to
+    fix a checkpoint saved without ExMe or with another metric."""
+    name = f"checkpoint-{step}"
+    places = [os.path.join(output_dir, name)]
+    if resume_from_checkpoint and os.path.basename(os.path.normpath(resume_from_checkpoint)) == name:
+        places.insert(0, resume_from_checkpoint)
+    folder = next((p for p in places if os.path.isdir(os.path.join(p, STATE_DIR))), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"Training resumes from step {step}, but {places[-1]} has no ExMe state ({STATE_DIR}/): the base model's "
+            "weights are not there. Resume from a checkpoint saved with ExMeCallback, or start the run from the "
+            "beginning."
+        )
+    info = load_state(store, folder)
+    if info["metric"] != metric:
+        raise ValueError(
+            f"The checkpoint's ExMe state ranks checkpoints by {info['metric']!r}, but this run uses {metric!r}. "
+            "Resume with the same `metrics` / `metric_for_best_model`."
+        )
+    return info
 
 
 def _link_or_copy(source: str, destination: str) -> None:

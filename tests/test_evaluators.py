@@ -341,36 +341,3 @@ def test_lm_eval_evaluator_hides_only_hflm_live_model_warnings(lm_eval_tasks, ca
         assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["another warning"]
         HFLM(pretrained=make_llama(seed=7), tokenizer=tokenizer, batch_size=1)  # outside the evaluator: shows
     assert len(live_model_warnings()) == 2
-
-
-def test_quiet_peft_save_hides_only_the_missing_config_warning(tmp_path):
-    import warnings
-
-    pytest.importorskip("peft")
-    from conftest import make_llama
-    from peft import LoraConfig, get_peft_model
-
-    from exme_callback.evaluators import quiet_peft_save
-
-    model = get_peft_model(make_llama(seed=8), LoraConfig(r=2, target_modules=["q_proj"]))
-    folder = tmp_path / "gguf_model"  # like a base model loaded from a GGUF file: no config.json
-    folder.mkdir()
-    model.peft_config["default"].base_model_name_or_path = str(folder)
-    expected = f"Could not find a config file in {folder} - will assume that the vocabulary was not modified."
-
-    def messages(caught):
-        return [str(w.message) for w in caught]
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.save_pretrained(tmp_path / "loud")
-    assert expected in messages(caught)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with quiet_peft_save():
-            model.save_pretrained(tmp_path / "quiet")
-            warnings.warn("Could not find a config file in this other sentence.", UserWarning, stacklevel=1)
-        warnings.warn(expected, UserWarning, stacklevel=1)  # after the block: shows again
-    assert expected not in messages(caught)[:-1] and messages(caught)[-1] == expected
-    assert "Could not find a config file in this other sentence." in messages(caught)
-    assert (tmp_path / "quiet" / "adapter_model.safetensors").is_file()

@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from exme_callback.lora import LoraPlane, check_peft_model  # noqa: E402
+from exme_callback.lora import LoraPlane, check_peft_model, quiet_peft_save  # noqa: E402
 from exme_callback.snapshots import trainable_tensors  # noqa: E402
 
 CANDIDATES = [(1.0, 0.0), (0.0, 1.0), (1.3, 0.0), (0.0, 1.5), (0.36, 0.98), (0.0, 0.0)]
@@ -171,3 +171,30 @@ def test_unsupported_peft_set_ups_are_refused():
         )
     with pytest.raises(NotImplementedError, match="through `peft.PeftModel`"):
         check_peft_model(make_llama())
+
+
+def test_quiet_peft_save_hides_only_the_missing_config_warning(tmp_path):
+    import warnings
+
+    model = get_peft_model(make_llama(seed=8), LoraConfig(r=2, target_modules=["q_proj"]))
+    folder = tmp_path / "gguf_model"  # like a base model loaded from a GGUF file: no config.json
+    folder.mkdir()
+    model.peft_config["default"].base_model_name_or_path = str(folder)
+    expected = f"Could not find a config file in {folder} - will assume that the vocabulary was not modified."
+
+    def messages(caught):
+        return [str(w.message) for w in caught]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "loud")
+    assert expected in messages(caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_peft_save():
+            model.save_pretrained(tmp_path / "quiet")
+            warnings.warn("Could not find a config file in this other sentence.", UserWarning, stacklevel=1)
+        warnings.warn(expected, UserWarning, stacklevel=1)  # after the block: shows again
+    assert expected not in messages(caught)[:-1] and messages(caught)[-1] == expected
+    assert "Could not find a config file in this other sentence." in messages(caught)
+    assert (tmp_path / "quiet" / "adapter_model.safetensors").is_file()
