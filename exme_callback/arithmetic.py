@@ -51,8 +51,8 @@ def span_tensor(
     """`base + sum_i coefficients[i] * (tensors[i] - base)` for one floating-point tensor.
 
     The sum is computed on the device of `out` (of `base` when `out` is `None`) in float32, or float64 when an input
-    is float64, and rounded once to the dtype of `out` (of `base`). A coefficient of exactly zero skips its term, so
-    the point `(1, 0, ...)` reproduces `tensors[0]` bit for bit.
+    is float64, and rounded once to the dtype of `out` (of `base`). A coefficient of exactly zero skips its term,
+    and a checkpoint itself (one coefficient 1, the others 0) is copied, so it is reproduced bit for bit.
 
     Args:
         base (`torch.Tensor`): the tensor of the base model.
@@ -66,10 +66,13 @@ def span_tensor(
     target = base if out is None else out
     dtypes = {base.dtype, target.dtype, *(t.dtype for t in tensors)}
     wide = torch.float64 if torch.float64 in dtypes else torch.float32
-    b = base.to(device=target.device, dtype=wide)  # may alias `base`: only read
-    result = b.clone()
-    for coefficient, tensor in zip(coefficients, tensors, strict=True):
-        if coefficient != 0.0:
+    terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
+    if len(terms) == 1 and terms[0][0] == 1.0:  # a checkpoint itself: exact, whatever the magnitudes
+        result = terms[0][1].to(device=target.device, dtype=wide)
+    else:
+        b = base.to(device=target.device, dtype=wide)  # may alias `base`: only read
+        result = b.clone()
+        for coefficient, tensor in terms:
             result.add_(tensor.to(device=target.device, dtype=wide).sub(b), alpha=coefficient)
     if out is None:
         return result.to(base.dtype)

@@ -268,7 +268,7 @@ class Report:
             "",
             f"Weights: `base + {terms}`." if terms else "",
             "",
-            self.to_markdown().split("\n", 1)[1].strip(),
+            *(line for line in self.to_markdown().splitlines()[1:] if not line.startswith("Saved: ")),
             "",
             *([f"![The sweep]({REPORT_PNG})", ""] if self.checkpoints else []),
             "## How to load",
@@ -277,6 +277,11 @@ class Report:
             f"from transformers import AutoModelForCausalLM\n{imports}{load}",
             "```",
             "",
+            *(
+                ["`merged/` holds the same model fused into the base weights (a plain transformers model).", ""]
+                if "merged" in self.saved
+                else []
+            ),
             f"`{MERGEKIT_RECIPE}` is the same merge as a mergekit configuration (task arithmetic, "
             f"`normalize: false`), `{REPORT_JSON}` every candidate evaluated.",
         ]

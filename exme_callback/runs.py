@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +86,8 @@ def read_trainer_state(run_dir: str) -> dict:
 def resolve_metric(state: dict, metric: str | None = None) -> tuple[str, bool]:
     """The ranking metric's key in the log history and whether greater is better.
 
-    `metric` is looked up as given, then with the `eval_` prefix. Without it, the run's `metric_for_best_model` as
+    `metric` is looked up with the `eval_` prefix the trainer adds, then as given (`exme/checkpoint/score`, the
+    callback's own scores, works too). Without it, the run's `metric_for_best_model` as
     the state records it (the key whose value is `best_metric` at `best_global_step`), else `eval_loss`. The
     direction follows the callback's rule: lower is better for names ending in `loss`.
     """
@@ -101,7 +103,9 @@ def resolve_metric(state: dict, metric: str | None = None) -> tuple[str, bool]:
             if key.startswith("eval_") and isinstance(value, (int, float)) and value == best
         ]
         metric = recorded[0] if len(set(recorded)) == 1 else "eval_loss"
-    name = next((k for k in (metric, f"eval_{metric}") if k in keys), None)
+    # `eval_` first: training logs have a `loss` of their own, and `--metric loss` means the evaluation's.
+    lookups = (metric,) if metric.startswith(("eval_", "exme/")) else (f"eval_{metric}", metric)
+    name = next((k for k in lookups if k in keys), None)
     if name is None:
         timings = ("_runtime", "_samples_per_second", "_steps_per_second")
         evaluated = sorted(k for k in keys if k.startswith(("eval_", "exme/checkpoint/")) and not k.endswith(timings))
@@ -329,7 +333,9 @@ def _adapters(model, folders: list[str]):
             "that changes the base weights; the start is not in the checkpoints. Use the callback during training."
         )
     configs[0].inference_mode = False  # saved adapters say True; the plane works on trainable tensors
-    model = get_peft_model(model, configs[0])
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, configs[0])
     base = SnapshotStore("cpu")
     base.save("base", trainable_tensors(model))  # B = 0: the base model itself
     checkpoints = []

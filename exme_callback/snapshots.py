@@ -25,6 +25,7 @@ __all__ = ["SnapshotStore", "load_resume_state", "load_state", "save_state", "tr
 STORAGES = ("cpu", "disk")
 STATE_DIR, STATE_FILE = "exme", "exme_state.json"  # the run state inside each checkpoint folder
 _SHARD_BYTES = 1 << 30  # bounds the CPU memory a disk snapshot needs while it is written
+ORDER = "exme.order"  # safetensors metadata: the tensor names in their model order (seeded DARE masks follow it)
 
 
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -122,9 +123,10 @@ class SnapshotStore:
                 _link_or_copy(source, destination)
             paths = linked
         index = {}
-        for path in paths:
+        for path in paths:  # in the order the tensors were saved (a file lists its keys sorted)
             with safe_open(path, framework="pt", device="cpu") as f:
-                index.update(dict.fromkeys(f.keys(), path))
+                order = (f.metadata() or {}).get(ORDER)
+                index.update(dict.fromkeys(json.loads(order) if order else f.keys(), path))
         if self.storage == "disk":
             self._files[key] = index
             return
@@ -147,7 +149,7 @@ class SnapshotStore:
         def flush() -> None:
             nonlocal shard, size
             path = os.path.join(self.directory, f"{key}-{len(set(index.values())):05d}.safetensors")
-            save_file(shard, path + ".tmp")
+            save_file(shard, path + ".tmp", metadata={ORDER: json.dumps(list(shard))})
             os.replace(path + ".tmp", path)  # a snapshot file is complete or absent
             index.update(dict.fromkeys(shard, path))
             shard, size = {}, 0

@@ -530,3 +530,58 @@ def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
     dare_seen = [w for cand, w in zip(report.candidates[21:], evaluator.seen[24:]) if cand is dare][0]
     assert dare.heldout_score == pytest.approx(-float(((dare_seen - heldout_target) ** 2).sum()), rel=1e-6)
     assert "held-out" in (tmp_path / "exme" / "exme_report.md").read_text()
+
+
+def test_base_is_scored_once_with_eval_on_start(tmp_path, regression):
+    evaluator = RecordingEvaluator()
+    base = weights(regression[0])
+    _, callback = train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator, eval_on_start=True)
+    # The base (the step-0 evaluation), 4 checkpoints, then the sweep: the base is not evaluated twice.
+    assert len(evaluator.seen) == 1 + 4 + 2 * len(DEFAULT_ALPHAS) + len(DEFAULT_BETAS)
+    assert torch.equal(evaluator.seen[0], base)
+    assert sum(torch.equal(w, base) for w in evaluator.seen) == 1
+    assert not any(torch.equal(w, base) for w in evaluator.seen[1:5])  # the checkpoints moved
+    report = callback.report
+    assert report.base is not None and report.base.kind == "base"
+    assert report.base.score == pytest.approx(-float(((base - TARGET) ** 2).sum()))
+    assert report.base.metrics == {"closeness": report.base.score}
+
+
+def test_base_heldout_score_is_computed_once_with_eval_on_start(tmp_path, regression):
+    heldout_target = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    heldout_seen = []
+
+    def heldout(model):
+        w = weights(model)
+        heldout_seen.append(w)
+        return {"heldout_closeness": -float(((w - heldout_target) ** 2).sum())}
+
+    base = weights(regression[0])
+    _, callback = train(
+        tmp_path,
+        regression,
+        {"metrics": {"closeness": "max"}, "report_evaluator": heldout, "report_metrics": {"heldout_closeness": "max"}},
+        RecordingEvaluator(),
+        eval_on_start=True,
+    )
+    assert torch.equal(heldout_seen[0], base)  # scored when the step-0 evaluation scored the base
+    assert sum(torch.equal(w, base) for w in heldout_seen) == 1
+    report = callback.report
+    assert report.base.heldout_score is not None
+    assert report.base.heldout_score == pytest.approx(-float(((base - heldout_target) ** 2).sum()))
+    assert report.base.heldout_metrics == {"heldout_closeness": report.base.heldout_score}
+    rows = dict(report.rows())
+    assert rows["Base"] is report.base
+    assert len(heldout_seen) == len({id(c) for c in rows.values()})  # every row once, the base included
+
+
+def test_baselines_without_peft_fail_at_construction_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "peft" else find_spec(name, *args)
+    )
+    with pytest.raises(ImportError, match=r"pip install 'exme-callback\[peft\]'"):
+        ExMeCallback(evaluator=lambda model: {}, baselines=True)
+    ExMeCallback(evaluator=lambda model: {}, baselines=False)  # nothing else needs PEFT

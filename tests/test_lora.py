@@ -37,14 +37,20 @@ def load(model, tensors):
 
 
 def dense_weights(model, tensors):
-    """The plain model a PEFT model with `tensors` loaded is, through PEFT's own merge."""
+    """The plain model a PEFT model with `tensors` loaded into its trained adapter is, through PEFT's own merge
+    (of that adapter only: once the plane exists, the active adapter is `"exme"`)."""
     twin = copy.deepcopy(model)
     load(twin, tensors)
-    return twin.merge_and_unload().state_dict()
+    return twin.merge_and_unload(adapter_names=["default"]).state_dict()
 
 
-def dense_reference(model, base, sft1, sft2, c1, c2):
-    w0, w1, w2 = (dense_weights(model, t) for t in (base, sft1, sft2))
+def dense_points(model, base, sft1, sft2):
+    """The dense weights of the base and of the two checkpoints, taken before the plane changes the model."""
+    return [dense_weights(model, t) for t in (base, sft1, sft2)]
+
+
+def dense_reference(points, c1, c2):
+    w0, w1, w2 = points
     reference = make_llama(bias=True)
     reference.load_state_dict(
         {
@@ -82,12 +88,13 @@ def test_candidates_equal_dense_reference(tokenizer, config):
     trained = checkpoint(model, 3)
     load(model, trained)
     before = logits(model, tokenizer)
+    points = dense_points(model, base, sft1, sft2)
 
     plane = LoraPlane(model, base, [sft1, sft2], trained)
     assert model.active_adapter == "exme"
     for c1, c2 in CANDIDATES:
         plane.apply((c1, c2))
-        expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
+        expected = logits(dense_reference(points, c1, c2), tokenizer)
         assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
 
     plane.close()
@@ -103,11 +110,12 @@ def test_non_zero_starting_adapter_is_a_third_block(tokenizer):
     base = {n: t.clone() for n, t in trainable_tensors(model).items()}
     assert any(torch.count_nonzero(t) for n, t in base.items() if "lora_B" in n)
     sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
+    points = dense_points(model, base, sft1, sft2)
     plane = LoraPlane(model, base, [sft1, sft2], base)
     assert model.peft_config["exme"].r == 3 * 4
     for c1, c2 in [(0.0, 0.0), (0.36, 0.98), (1.5, 0.0)]:
         plane.apply((c1, c2))
-        expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
+        expected = logits(dense_reference(points, c1, c2), tokenizer)
         assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
     plane.close()
 
@@ -143,11 +151,12 @@ def test_dora_candidates_are_dense_effective_weights(tmp_path, tokenizer, config
     sft1, sft2, trained = checkpoint(model, 1), checkpoint(model, 2), checkpoint(model, 3)
     load(model, trained)
     before, weights_before = logits(model, tokenizer), {k: v.clone() for k, v in model.state_dict().items()}
+    points = dense_points(model, base, sft1, sft2)
     plane = LoraPlane(model, base, [sft1, sft2], trained)
     assert not plane.exact_adapter
     for c1, c2 in [(1.0, 0.0), (0.0, 1.0), (0.36, 0.98), (1.4, 0.0)]:
         plane.apply((c1, c2))
-        expected = logits(dense_reference(model, base, sft1, sft2, c1, c2), tokenizer)
+        expected = logits(dense_reference(points, c1, c2), tokenizer)
         assert_close(logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="use `save_merged`"):
         plane.save_adapter(str(tmp_path))

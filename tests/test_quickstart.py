@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from exme_callback import LMEvalEvaluator
+from exme_callback.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -116,7 +117,14 @@ def test_missing_model_package_says_how_to_install(monkeypatch):
 def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
     """The saved model, reloaded from disk, scores on the held-out tasks exactly what the report says."""
     run = tmp_path / "run"
-    command = [sys.executable, str(EXAMPLES / "quickstart.py"), "--smoke", "--output-dir", str(run)]
+    command = [
+        sys.executable,
+        str(EXAMPLES / "quickstart.py"),
+        "--smoke",
+        "--output-dir",
+        str(run),
+        "--save-checkpoints",
+    ]
     result = subprocess.run(
         command + ["--full"] * full,
         capture_output=True,
@@ -126,6 +134,7 @@ def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| Chosen" in result.stdout and "| ExMe |" in result.stdout and "held-out" in result.stdout
+    assert "`pretrained` model kwarg is not of type `str`" not in result.stderr  # lm-eval, per live model
 
     report = json.loads((run / "exme" / "exme_report.json").read_text())
     final = report["final"]
@@ -157,3 +166,27 @@ def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
         assert not torch.allclose(logits[0], untrained(**batch).logits, atol=1e-4)
         for other in logits[1:]:
             torch.testing.assert_close(other, logits[0], rtol=1e-4, atol=1e-5)
+
+    # `exme run` on the same finished run, ranked by the callback's own scores, reproduces the callback's table.
+    skills = list(instruction_data.SKILLS)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    argv = [
+        "run",
+        str(run),
+        "--base",
+        str(tmp_path / "base"),
+        "--metric",
+        "exme/checkpoint/score",
+        "--batch-size",
+        "32",
+    ]
+    argv += ["--tasks", *skills, "--include-path", str(run / "tasks" / "selection"), "--heldout-tasks", *skills]
+    argv += ["--heldout-include-path", str(run / "tasks" / "heldout"), "--output-dir", str(tmp_path / "command")]
+    assert main(argv) == 0
+    ours = json.loads((tmp_path / "command" / "exme_report.json").read_text())
+    assert [c["step"] for c in ours["checkpoints"]] == [c["step"] for c in report["checkpoints"]]
+    for field in ("kind", "coefficients", "hyper", "score", "heldout_score"):
+        assert [c[field] for c in ours["candidates"]] == [c[field] for c in report["candidates"]], field
+    assert ours["final"]["coefficients"] == final["coefficients"]
+    assert ours["final"]["heldout_metrics"] == pytest.approx(final["heldout_metrics"])

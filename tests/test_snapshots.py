@@ -88,3 +88,69 @@ def test_errors():
         SnapshotStore("disk")
     with pytest.raises(KeyError, match="No snapshot named 'x'"):
         SnapshotStore().load("x")
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_save_state_then_load_state_round_trips_info_and_tensors(tmp_path, storage):
+    from exme_callback.snapshots import load_state, save_state
+
+    base, step = tensors(), {"w": torch.randn(5, 3, dtype=torch.bfloat16), "b": torch.zeros(3, dtype=torch.float64)}
+    store = SnapshotStore(storage, tmp_path / "store")
+    store.save("base", base)
+    store.save("step-8", step)
+    info = {"metric": "eval_loss", "kept": [{"step": 8, "score": 0.5, "metrics": {}}], "base": None, "base_model": "m"}
+    checkpoint = tmp_path / "checkpoint-8"
+    checkpoint.mkdir()
+    save_state(store, str(checkpoint), info, ["base", "step-8"])
+
+    fresh = SnapshotStore(storage, tmp_path / "fresh")
+    assert load_state(fresh, str(checkpoint)) == info
+    assert sorted(fresh.keys()) == ["base", "step-8"]
+    for key, expected in (("base", base), ("step-8", step)):
+        loaded = fresh.load(key)
+        assert sorted(loaded) == sorted(expected)  # by name: safetensors files list their tensors sorted
+        for name, value in expected.items():
+            assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), (key, name)
+
+
+def test_state_file_is_written_last(tmp_path, monkeypatch):
+    from exme_callback.snapshots import STATE_DIR, STATE_FILE, load_state, save_state
+
+    store = SnapshotStore("cpu", tmp_path / "store")
+    store.save("base", tensors())
+    checkpoint = tmp_path / "checkpoint-8"
+    checkpoint.mkdir()
+    state_file = checkpoint / STATE_DIR / STATE_FILE
+    export = SnapshotStore.export
+    exported = []
+
+    def checked_export(self, key, directory):
+        assert not state_file.exists()  # the state file must not name a snapshot not yet written
+        exported.append(key)
+        export(self, key, directory)
+
+    monkeypatch.setattr(SnapshotStore, "export", checked_export)
+    save_state(store, str(checkpoint), {"metric": "eval_loss"}, ["base"])
+    assert exported == ["base"] and state_file.is_file()
+
+    # A crash after the snapshots but before the state file: the folder has no state.
+    crashed = tmp_path / "checkpoint-16"
+    export(store, "base", crashed / STATE_DIR)
+    assert any(name.startswith("base-") for name in os.listdir(crashed / STATE_DIR))
+    with pytest.raises(FileNotFoundError, match="has no ExMe state"):
+        load_state(SnapshotStore("cpu"), str(crashed))
+
+
+def test_load_resume_state_refuses_a_different_metric(tmp_path):
+    from exme_callback.snapshots import load_resume_state, save_state
+
+    store = SnapshotStore("cpu", tmp_path / "store")
+    store.save("base", tensors())
+    (tmp_path / "run" / "checkpoint-8").mkdir(parents=True)
+    save_state(store, str(tmp_path / "run" / "checkpoint-8"), {"metric": "eval_loss"}, ["base"])
+    info = load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 8, None, "eval_loss")
+    assert info == {"metric": "eval_loss"}
+    with pytest.raises(ValueError, match="ranks checkpoints by 'eval_loss', but this run uses 'eval_accuracy'"):
+        load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 8, None, "eval_accuracy")
+    with pytest.raises(FileNotFoundError, match="checkpoint-16 has no ExMe state"):
+        load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 16, None, "eval_loss")

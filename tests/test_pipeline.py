@@ -1,0 +1,304 @@
+"""The pipeline: the plane of a model, a whole ExMe run on the regression model, failures, LoRA baselines."""
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import RegressionConfig, RegressionModel, make_llama, make_texts
+from torch.testing import assert_close
+
+from exme_callback import pipeline
+from exme_callback.arithmetic import DensePlane
+from exme_callback.evaluators import Objective, Scorer
+from exme_callback.search import Candidate, Checkpoint, exme_coefficients
+from exme_callback.snapshots import trainable_tensors
+
+TARGET = (2.5, 2.0)  # the (a, b) the closeness evaluator rewards
+
+
+def perturbed(tensors, seed, scale=0.2):
+    """Random tensors of the same names and shapes: a checkpoint as if trained."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: t + scale * torch.randn(t.shape, generator=g) for n, t in tensors.items()}
+
+
+def load(model, tensors):
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+
+
+# ---- make_plane on a plain model --------------------------------------------------------------------------------
+
+
+def test_make_plane_on_a_plain_model_writes_the_span_of_three_checkpoints():
+    model = make_llama()
+    live = trainable_tensors(model)
+    base = {n: t.clone() for n, t in live.items()}
+    checkpoints = [perturbed(base, seed) for seed in (1, 2, 3)]
+    trained = perturbed(base, 4)
+    load(model, trained)
+
+    plane = pipeline.make_plane(model, base, checkpoints, trained)
+    assert isinstance(plane, DensePlane)
+    for coefficients in [(0.3, -0.5, 1.2), (0.0, 0.7, 0.0), (1.5, 0.0, 0.25)]:
+        plane.apply(coefficients)
+        for name, tensor in trainable_tensors(model).items():
+            b = base[name].double()
+            expected = b + sum(c * (ck[name].double() - b) for c, ck in zip(coefficients, checkpoints))
+            assert_close(tensor, expected.float(), rtol=1e-6, atol=1e-6, msg=name)
+
+    plane.close()
+    for name, tensor in trainable_tensors(model).items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+# ---- a whole run on the regression model -------------------------------------------------------------------------
+
+BASE = {"a": torch.tensor(0.5), "b": torch.tensor(-0.2)}
+SFT1 = {"a": torch.tensor(2.1), "b": torch.tensor(1.2)}
+SFT2 = {"a": torch.tensor(1.5), "b": torch.tensor(1.8)}
+TRAINED = {"a": torch.tensor(1.9), "b": torch.tensor(1.7)}
+ALPHAS, BETAS = (0.1, 0.5), (0.25, 0.75)
+
+
+def closeness_weights(model) -> tuple[float, float]:
+    return float(model.a.detach()), float(model.b.detach())
+
+
+def closeness(a: float, b: float) -> float:
+    return -((a - TARGET[0]) ** 2 + (b - TARGET[1]) ** 2)
+
+
+def point(c1: float, c2: float) -> tuple[float, float]:
+    """The closed form of `base + c1 * (sft1 - base) + c2 * (sft2 - base)`, in float64."""
+    return tuple(
+        float(BASE[k]) + c1 * (float(SFT1[k]) - float(BASE[k])) + c2 * (float(SFT2[k]) - float(BASE[k]))
+        for k in ("a", "b")
+    )
+
+
+class CountingEvaluator:
+    """The closeness of `(a, b)` to `TARGET`; raises at its `fail_at`-th call when given."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, model):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("evaluator broke")
+        return {"closeness": closeness(*closeness_weights(model))}
+
+
+def trained_model():
+    model = RegressionModel(RegressionConfig())
+    load(model, TRAINED)
+    return model
+
+
+def regression_run(model, tmp_path, evaluator, keep_chosen=False, sources=None):
+    live = trainable_tensors(model)
+    assert set(live) == {"a", "b"}
+    plane = DensePlane(live, BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    checkpoints = [Checkpoint(10, closeness(*point(1, 0))), Checkpoint(20, closeness(*point(0, 1)))]
+    assert checkpoints[0].score > checkpoints[1].score  # best first
+    scorer = Scorer(evaluator, Objective({"closeness": True}))
+    report = pipeline.run(
+        model,
+        plane,
+        checkpoints,
+        scorer,
+        str(tmp_path / "exme"),
+        settings=pipeline.SearchSettings(alphas=ALPHAS, betas=BETAS),
+        keep_chosen=keep_chosen,
+        sources=sources,
+        show_progress=False,
+    )
+    return report
+
+
+def test_run_on_the_regression_model_matches_the_closed_forms(tmp_path):
+    evaluator = CountingEvaluator()
+    sources = {"base_model": "org/base", "checkpoints": ["run/checkpoint-10", "run/checkpoint-20"], "adapter": False}
+    model = trained_model()
+    report = regression_run(model, tmp_path, evaluator, sources=sources)
+
+    # The ExMe paper's grid: SFT-1, SFT-2, EXPO of each over the alphas, then the merges with each best alpha.
+    best_alpha1 = max(ALPHAS, key=lambda a: closeness(*point(1 + a, 0)))
+    best_alpha2 = max(ALPHAS, key=lambda a: closeness(*point(0, 1 + a)))
+    expected = [("sft", (1.0, 0.0)), ("sft", (0.0, 1.0))]
+    expected += [("expo", (1.0 + a, 0.0)) for a in ALPHAS] + [("expo", (0.0, 1.0 + a)) for a in ALPHAS]
+    expected += [("exme", exme_coefficients(best_alpha1, best_alpha2, beta)) for beta in BETAS]
+    assert [(c.kind, c.coefficients) for c in report.candidates] == expected
+    assert [(c.alpha1, c.alpha2, c.beta) for c in report.candidates[-2:]] == [
+        (best_alpha1, best_alpha2, beta) for beta in BETAS
+    ]
+    assert evaluator.calls == 2 * len(ALPHAS) + len(BETAS)  # the checkpoints keep their training scores
+
+    # Every score is the closed form at its coefficients; the chosen one is the argmax.
+    for candidate in report.candidates:
+        assert candidate.score == pytest.approx(closeness(*point(*candidate.coefficients)), rel=1e-5, abs=1e-6)
+    argmax = max(report.candidates, key=lambda c: closeness(*point(*c.coefficients)))
+    assert report.final is argmax and report.final.kind == "exme"  # this set-up gains from the merge
+    chosen = point(*report.final.coefficients)
+
+    saved = RegressionModel.from_pretrained(tmp_path / "exme")
+    assert_close(torch.tensor(closeness_weights(saved)), torch.tensor(chosen, dtype=torch.float32))
+    assert torch.equal(model.a.detach(), TRAINED["a"]) and torch.equal(model.b.detach(), TRAINED["b"])
+
+    written = json.loads((tmp_path / "exme" / "exme_report.json").read_text())
+    assert written["final"]["coefficients"] == list(report.final.coefficients)
+    assert [c["score"] for c in written["candidates"]] == [c.score for c in report.candidates]
+    assert written["error"] is None and written["saved"] == {"model": str(tmp_path / "exme")}
+    card = (tmp_path / "exme" / "README.md").read_text()
+    lines = card.splitlines()
+    assert lines[0] == "---"
+    metadata = yaml.safe_load("\n".join(lines[1 : lines.index("---", 1)]))
+    assert {"exme", "merge"} <= set(metadata["tags"]) and metadata["base_model"] == "org/base"
+    recipe = yaml.safe_load((tmp_path / "exme" / "mergekit.yml").read_text())
+    assert recipe["merge_method"] == "task_arithmetic" and recipe["parameters"]["normalize"] is False
+    assert recipe["base_model"] == "org/base"
+    assert [m["model"] for m in recipe["models"]] == sources["checkpoints"]
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == list(report.final.coefficients)
+
+
+def test_run_with_keep_chosen_leaves_the_chosen_model_loaded(tmp_path):
+    model = trained_model()
+    report = regression_run(model, tmp_path, CountingEvaluator(), keep_chosen=True)
+    chosen = torch.tensor(point(*report.final.coefficients), dtype=torch.float32)
+    assert_close(torch.tensor(closeness_weights(model)), chosen)
+    saved = RegressionModel.from_pretrained(tmp_path / "exme")
+    assert torch.equal(saved.a.detach(), model.a.detach()) and torch.equal(saved.b.detach(), model.b.detach())
+    assert not torch.equal(model.a.detach(), TRAINED["a"])
+
+
+def test_failing_evaluator_reports_what_was_scored_and_restores_the_weights(tmp_path):
+    earlier = tmp_path / "exme"
+    earlier.mkdir()
+    (earlier / "marker.txt").write_text("earlier result")
+    model = trained_model()
+    evaluator = CountingEvaluator(fail_at=4)  # the 4th EXPO candidate: EXPO-2 with the second alpha
+    with pytest.raises(RuntimeError, match="evaluator broke"):
+        regression_run(model, tmp_path, evaluator, keep_chosen=True)  # a failed run never keeps a candidate
+
+    assert torch.equal(model.a.detach(), TRAINED["a"]) and torch.equal(model.b.detach(), TRAINED["b"])
+    assert sorted(p.name for p in earlier.iterdir()) == ["marker.txt"]
+    assert (earlier / "marker.txt").read_text() == "earlier result"
+    failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
+    assert failed["error"] == "RuntimeError: evaluator broke" and failed["final"] is None
+    scored = [(c["kind"], tuple(c["coefficients"])) for c in failed["candidates"]]
+    sft = [("sft", (1.0, 0.0)), ("sft", (0.0, 1.0))]
+    assert scored == [*sft, ("expo", (1.1, 0.0)), ("expo", (1.5, 0.0)), ("expo", (0.0, 1.1))]
+    for c in failed["candidates"]:
+        assert c["score"] == pytest.approx(closeness(*point(*c["coefficients"])), rel=1e-5, abs=1e-6)
+    assert not (tmp_path / "exme-failed" / "README.md").exists()  # no model card for a failed sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exme", "exme-failed"]
+
+
+# ---- LoRA baselines: TIES and DARE on each adapted module's dense delta ------------------------------------------
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(make_llama(bias=True), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def dense_weights(model, tensors):
+    """The plain model a PEFT model with `tensors` loaded in its (active, trained) adapter is, by PEFT's merge.
+    Called before the plane adds its own adapter, so that `merge_and_unload` merges the trained one."""
+    twin = copy.deepcopy(model)
+    load(twin, tensors)
+    return {k: v.detach().clone() for k, v in twin.merge_and_unload().state_dict().items()}
+
+
+def plain_model(state_dict):
+    reference = make_llama(bias=True)
+    reference.load_state_dict(state_dict)
+    return reference.eval()
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(make_texts(4, seed=3), return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_lora_ties_and_dare_baselines_against_a_dense_reference(tmp_path, tokenizer):
+    from peft.utils import merge_utils
+
+    model = lora_model()
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    assert base and all("lora_" in n for n in base)
+    sft1, sft2, trained = perturbed(base, 1), perturbed(base, 2), perturbed(base, 3)
+    load(model, trained)
+    before = logits(model, tokenizer)
+    w0, w1, w2 = (dense_weights(model, t) for t in (base, sft1, sft2))
+    assert not torch.equal(w1["model.layers.0.self_attn.q_proj.weight"], w0["model.layers.0.self_attn.q_proj.weight"])
+    ties = {}
+    for key in w0:
+        d1, d2 = w1[key] - w0[key], w2[key] - w0[key]
+        ties[key] = w0[key] + merge_utils.ties([d1, d2], torch.ones(2), 0.5) if d1.is_floating_point() else w0[key]
+    ties_reference = logits(plain_model(ties), tokenizer)
+    c1, c2 = 0.5, 0.7
+    span_reference = logits(
+        plain_model({k: w0[k] + c1 * (w1[k] - w0[k]) + c2 * (w2[k] - w0[k]) for k in w0}), tokenizer
+    )
+    assert not torch.allclose(ties_reference, span_reference, rtol=1e-3, atol=1e-3)  # the checks can tell them apart
+
+    plane = pipeline.make_plane(model, base, [sft1, sft2], trained)
+    try:
+        ties_candidate = Candidate("ties", None, (10, 20), hyper={"density": 0.5})
+        pipeline.apply(plane, ties_candidate)
+        assert_close(logits(model, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="merge off the span"):
+            plane.save(str(tmp_path / "ties"))
+
+        # A point of the span next: the base layers are restored first.
+        pipeline.apply(plane, Candidate("exme", (c1, c2), (10, 20)))
+        assert_close(logits(model, tokenizer), span_reference, rtol=1e-4, atol=1e-4)
+
+        # DARE's random masks are seeded: the same candidate is the same model every time.
+        dare = Candidate("dare", None, (10, 20), hyper={"density": 0.5})
+        pipeline.apply(plane, dare)
+        first = logits(model, tokenizer)
+        pipeline.apply(plane, ties_candidate)
+        pipeline.apply(plane, dare)
+        assert torch.equal(logits(model, tokenizer), first)
+        assert not torch.allclose(first, ties_reference, rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(first, before, rtol=1e-3, atol=1e-3)
+    finally:
+        plane.close()
+    assert torch.equal(logits(model, tokenizer), before)
+    for name, tensor in trainable_tensors(model).items():
+        assert torch.equal(tensor, trained[name]), name
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+
+
+def test_dare_candidate_is_the_same_model_after_a_resume(tmp_path):
+    from exme_callback.snapshots import SnapshotStore, load_state, save_state
+
+    g = torch.Generator().manual_seed(0)
+    base = {"weight": torch.randn(64, generator=g), "bias": torch.randn(64, generator=g)}  # not in sorted order
+    sft1, sft2 = perturbed(base, 1, scale=1.0), perturbed(base, 2, scale=1.0)
+    store = SnapshotStore("cpu", tmp_path / "store")
+    for key, tensors in (("base", base), ("step-8", sft1), ("step-16", sft2)):
+        store.save(key, tensors)
+    save_state(store, str(tmp_path / "checkpoint-16"), {"metric": "eval_loss"}, ["base", "step-8", "step-16"])
+    resumed = SnapshotStore("cpu", tmp_path / "resumed")
+    load_state(resumed, str(tmp_path / "checkpoint-16"))
+
+    dare = Candidate("dare", None, (8, 16), hyper={"density": 0.5})
+    models = []
+    for kept in (store, resumed):
+        live = {name: torch.zeros(64) for name in base}
+        plane = DensePlane(live, kept.load("base"), [kept.load("step-8"), kept.load("step-16")], base)
+        pipeline.apply(plane, dare)
+        models.append(live)
+    for name in base:
+        assert torch.equal(models[0][name], models[1][name]), name
