@@ -33,7 +33,7 @@ class ExMeCallback(TrainerCallback):
     r"""Extrapolation Merging (ExMe): a free improvement of a fine-tuned model, searched when training ends.
 
     During training the callback keeps the trainable tensors of the base model and of the two best evaluated
-    checkpoints (SFT-1, SFT-2). When training ends it evaluates, in-process, models on the plane
+    checkpoints (SFT-1, SFT-2). When training ends it evaluates, in-process, models on their plane
 
     $$
     \theta(c_1, c_2) = \theta_\text{base} + c_1 (\theta_\text{SFT-1} - \theta_\text{base})
@@ -49,8 +49,8 @@ class ExMeCallback(TrainerCallback):
 
     Args:
         trainer (`transformers.Trainer`, *optional*):
-            The trainer this callback is added to (TRL trainers work the same). Its evaluation scores the
-            candidates unless `evaluator` is given, and its logging reports the result.
+            The trainer this callback is added to (TRL trainers work the same): its evaluation scores the
+            candidates unless `evaluator` is given; its logging reports them.
         evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
             Scores a model: called on the live model at every training evaluation and for every candidate. Needed
             when `trainer` is not given. `LMEvalEvaluator` runs lm-evaluation-harness tasks.
@@ -85,12 +85,10 @@ class ExMeCallback(TrainerCallback):
             Leave the chosen model loaded after training (so `trainer.save_model()` saves it) instead of the
             trained weights. For LoRA runs the chosen model is an adapter named `"exme"`, left active.
         save_merged (`bool`, *optional*, defaults to `False`):
-            LoRA runs: also save the chosen model fused into the base weights, in `<output_dir>/exme/merged`.
-            The chosen adapter itself is always saved, as a PEFT adapter folder of rank `r1 + r2`. (DoRA runs are
-            merged on dense effective weights and always saved fused.)
+            LoRA runs: also save the chosen model fused into the base weights, in `<output_dir>/exme/merged`,
+            beside the adapter (rank `r1 + r2`). DoRA runs are always saved fused.
         evaluate_base (`bool`, *optional*, defaults to `True`):
-            Score the base model when training begins: it checks the metric before any training and adds the Base
-            row to the report.
+            Score the base model before training (it checks the metric early) for the report's Base row.
 
     Example:
 
@@ -174,9 +172,10 @@ class ExMeCallback(TrainerCallback):
         pipeline.check_model(model, save_merged=self.save_merged)
         if state.is_world_process_zero:
             pipeline.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
+        tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
         for evaluator in (self.evaluator, self.report_evaluator):
-            if isinstance(evaluator, LMEvalEvaluator) and evaluator.tokenizer is None:
-                evaluator.tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
+            if isinstance(evaluator, LMEvalEvaluator):
+                evaluator.tokenizer = evaluator.tokenizer or tokenizer
         self.objective = self.objective or Objective.for_evaluator(
             self.evaluator, args.metric_for_best_model, args.greater_is_better
         )
@@ -202,13 +201,9 @@ class ExMeCallback(TrainerCallback):
         step = state.global_step
         if step == 0 and (not self.evaluate_base or self._base is not None):
             return
-        if getattr(self.evaluator, "reuses_training_scores", False):
-            score, metrics = self._scorer.score(metrics or {})
-        else:
-            score, metrics = self._scorer(model)
-            if self.trainer is not None:  # the trainer logged its own evaluation; this one is the callback's
-                logs = {"score": score, **metrics}
-                self.trainer.log({f"exme/checkpoint/{k}": v for k, v in logs.items()})
+        score, metrics, fresh = self._scorer.evaluation(model, metrics or {})
+        if fresh and self.trainer is not None:  # the trainer logged its own evaluation; this one is the callback's
+            self.trainer.log({f"exme/checkpoint/{k}": v for k, v in {"score": score, **metrics}.items()})
         if step == 0:
             self._score_base(model, score, metrics)
             return
@@ -271,12 +266,8 @@ class ExMeCallback(TrainerCallback):
                 keep_chosen=self.load_exme_at_end,
                 write=state.is_world_process_zero,
                 show_progress=not args.disable_tqdm and state.is_world_process_zero,
-                on_candidate=self._log_candidate,
+                log=None if self.trainer is None else self.trainer.log,
             )
-            message, logs = self.report.summary()
-            logger.info(message)
-            if self.trainer is not None:
-                self.trainer.log(logs)
         finally:
             self._store.clear()
 
@@ -289,15 +280,6 @@ class ExMeCallback(TrainerCallback):
             self._scorer.score_into(model, self._base)
         if self._heldout is not None:  # also checks the report evaluator's metrics before training
             self._heldout.score_into(model, self._base, heldout=True)
-
-    def _log_candidate(self, candidate: Candidate) -> None:
-        """Each candidate's score, under `exme/` keys, through the trainer's logging (TensorBoard, W&B, ...)."""
-        if self.trainer is None or not candidate.valid:
-            return
-        fields = {f"c{i + 1}": c for i, c in enumerate(candidate.coefficients or ())}
-        logs = {f"exme/{candidate.kind}/score": candidate.score}
-        logs.update({f"exme/{candidate.kind}/{k}": v for k, v in {**fields, **candidate.hyper}.items()})
-        self.trainer.log(logs)
 
     @staticmethod
     def _folder(args, step: int) -> str:

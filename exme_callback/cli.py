@@ -273,7 +273,6 @@ def _run(args) -> None:
     )
     print()
     print(report.to_markdown())
-    print(f"Saved: {', '.join(f'{kind} in {path}' for kind, path in report.saved.items())}")
 
 
 def _apply(args) -> None:

@@ -204,6 +204,14 @@ class Scorer:
             model.train(was_training)
         return self.score(metrics)
 
+    def evaluation(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float], bool]:
+        """The score of a training evaluation: from the trainer's own `metrics` when the evaluator would compute
+        the same (`reuses_training_scores`), else from evaluating the live model. The last item says which
+        (`True`: evaluated now)."""
+        if getattr(self.evaluator, "reuses_training_scores", False):
+            return (*self.score(metrics), False)
+        return (*self(model), True)
+
     def score_into(self, model: torch.nn.Module, candidate, heldout: bool = False):
         """Evaluate the live model into `candidate`'s selection fields (its held-out ones with `heldout=True`); a
         non-finite selection score marks the candidate as not choosable."""

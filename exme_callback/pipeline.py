@@ -214,7 +214,7 @@ def run(
     keep_chosen: bool = False,
     write: bool = True,
     show_progress: bool = True,
-    on_candidate: Callable[[Candidate], None] | None = None,
+    log: Callable[[dict[str, float]], None] | None = None,
 ) -> Report:
     """Sweep, choose, score held-out, publish: the whole of ExMe once the checkpoints are kept.
 
@@ -236,7 +236,8 @@ def run(
             trained weights.
         write (`bool`, *optional*, defaults to `True`): whether this process writes files (the main process).
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over the evaluations.
-        on_candidate (`Callable[[Candidate], None]`, *optional*): called with each scored candidate (logging).
+        log (`Callable[[dict[str, float]], None]`, *optional*): receives each scored candidate's values and the
+            result under `exme/` keys (`trainer.log`: TensorBoard, W&B, ...).
 
     Returns:
         `Report`: everything evaluated and chosen; also written to `destination`.
@@ -264,15 +265,16 @@ def run(
             "ExMe: only one checkpoint was evaluated; extrapolating it (EXPO) without a merge. Evaluate more often "
             "to merge two checkpoints."
         )
-    progress = tqdm(
-        total=count_candidates(n, settings.alphas, settings.betas), desc="ExMe sweep", disable=not show_progress
-    )
+    total = count_candidates(n, settings.alphas, settings.betas)
+    if settings.baselines:
+        total += count_baselines(n, settings.betas, DEFAULT_DENSITIES)
+    progress = tqdm(total=total, desc="ExMe sweep", disable=not show_progress)
 
     def score(candidate: Candidate) -> Candidate:
         apply(plane, candidate)
         scorer.score_into(model, candidate)
-        if on_candidate is not None:
-            on_candidate(candidate)
+        if log is not None and candidate.valid:
+            log(candidate.log_values())
         progress.update()
         return candidate
 
@@ -281,14 +283,14 @@ def run(
         gib = report.greater_is_better
         sweep(score, checkpoints, settings.alphas, settings.betas, gib, results=report.candidates)
         if settings.baselines:
-            progress.total += count_baselines(n, settings.betas, DEFAULT_DENSITIES)
             sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=report.candidates)
         # 2. The choice.
         report.final = choose(report.candidates, gib, settings.choose_from)
         # 3. The held-out scores of the table's rows.
         if heldout is not None:
+            progress.close()
             rows = [c for c in {id(c): c for _, c in report.rows()}.values() if c.heldout_score is None]
-            progress.total += len(rows)
+            progress = tqdm(total=len(rows), desc="ExMe held-out rows", disable=not show_progress)
             for candidate in rows:
                 apply(plane, candidate)
                 heldout.score_into(model, candidate, heldout=True)
@@ -311,6 +313,10 @@ def run(
     finally:
         progress.close()
         plane.close(keep=keep_chosen and report.error is None)  # else the trained weights, exactly
+    message, logs = report.summary()
+    logger.info(message)
+    if log is not None:
+        log(logs)
     return report
 
 

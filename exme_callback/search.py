@@ -124,6 +124,11 @@ class Candidate:
     alpha2 = property(lambda self: self.hyper.get("alpha2"), doc="EXPO-2's extrapolation strength.")
     beta = property(lambda self: self.hyper.get("beta"), doc="ExMe's weight of EXPO-1.")
 
+    def log_values(self) -> dict[str, float]:
+        """The score, coefficients and hyper-parameters under `exme/<kind>/` keys, for a trainer's logs."""
+        values = {"score": self.score, **{f"c{i + 1}": c for i, c in enumerate(self.coefficients or ())}}
+        return {f"exme/{self.kind}/{k}": v for k, v in {**values, **self.hyper}.items()}
+
     def to_dict(self) -> dict:
         """The JSON form: the fields, plus `c1, c2, ...`, `step1, step2, ...` and the ExMe paper's `alpha1`,
         `alpha2`, `beta` flat, for readers of the report."""

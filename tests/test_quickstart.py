@@ -169,7 +169,7 @@ def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
 
     # `exme run` on the same finished run, ranked by the callback's own scores, reproduces the callback's table.
     skills = list(instruction_data.SKILLS)
-    base.save_pretrained(tmp_path / "base")
+    untrained.save_pretrained(tmp_path / "base")  # `base` now carries the adapter PeftModel injected into it
     tokenizer.save_pretrained(tmp_path / "base")
     argv = [
         "run",
