@@ -178,6 +178,8 @@ def _check_apply_usage(parser, args) -> None:
         parser.error(
             f"--coefficients needs one value per --checkpoint ({len(args.checkpoint)}), got {len(args.coefficients)}"
         )
+    if args.beta is None and (args.alpha1 or args.alpha2):
+        parser.error("--alpha1/--alpha2 go with --beta (an ExMe merge); with --coefficients give c_i directly")
     if args.beta is not None:
         if len(args.checkpoint) != 2:
             parser.error("--alpha1/--alpha2/--beta describe an ExMe merge of two checkpoints: give --checkpoint twice")
@@ -211,6 +213,7 @@ def _run(args) -> None:
 
     destination = os.path.abspath(args.output_dir or os.path.join(args.run_dir, "exme"))
     pipeline.check_writable(destination, "--output-dir")
+    settings = pipeline.SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
 
     # 1. The checkpoints: ranked from the run's history, or given.
     if args.checkpoint:
@@ -254,11 +257,10 @@ def _run(args) -> None:
         plane.close()
         raise
     sources = {
-        "base_model": args.base or _recorded_base(folders),
+        "base_model": loaded.base,
         "checkpoints": [os.path.abspath(f) for f in folders],
+        "adapter": loaded.adapter,
     }
-    sources["adapter"] = loaded.adapter
-    settings = pipeline.SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
     report = pipeline.run(
         model,
         plane,
@@ -322,12 +324,6 @@ def _step_of(folder: str, index: int) -> int:
             return int(json.load(f).get("global_step", index + 1))
     match = CHECKPOINT.search(os.path.normpath(folder))
     return int(match.group(1)) if match else index + 1
-
-
-def _recorded_base(folders: list[str]) -> str | None:
-    from .runs import base_of
-
-    return base_of(folders[0])
 
 
 if __name__ == "__main__":

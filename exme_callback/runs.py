@@ -207,12 +207,13 @@ def _shape(tensors: _SafetensorsMapping, name: str) -> tuple[int, ...]:
 
 @dataclass
 class LoadedRun:
-    """The live model (the base), its tokenizer, and the plane of the checkpoints over it."""
+    """The live model (the base, loaded from `base`), its tokenizer, and the plane of the checkpoints over it."""
 
     model: torch.nn.Module
     tokenizer: object
     plane: Plane
     adapter: bool
+    base: str
 
 
 def _load_base(base: str, model_class, dtype: torch.dtype | None, device: str):
@@ -310,7 +311,7 @@ def load_plane(
                     )
     check_model(model, save_merged=save_merged)
     plane = make_plane(model, base_tensors, checkpoints, base_tensors, save_merged=save_merged)
-    return LoadedRun(model, tokenizer, plane, adapter)
+    return LoadedRun(model, tokenizer, plane, adapter, base)
 
 
 def _adapters(model, folders: list[str]):

@@ -181,6 +181,7 @@ def test_usage_errors_exit_2(full_run, capsys):
         (["run", str(run_dir), "--eval-data", str(data), "--alphas", "-1"], "--alphas must be"),
         (["apply", "--checkpoint", "a", "--coefficients", "1", "2", "out"], "one value per --checkpoint"),
         (["apply", "--checkpoint", "a", "--beta", "0.5", "out"], "give --checkpoint twice"),
+        (["apply", "--checkpoint", "a", "--coefficients", "1", "--alpha1", "0.2", "out"], "go with --beta"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
