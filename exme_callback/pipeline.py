@@ -84,12 +84,15 @@ class SearchSettings:
 
 def sources_of(model: torch.nn.Module, checkpoints: Sequence[str]) -> dict:
     """What the model card and the mergekit recipe name: the base model the live model records (an adapter's
-    `base_model_name_or_path`, else the config's `name_or_path`), the kept checkpoints' folders, and whether they
-    are LoRA adapters."""
+    `base_model_name_or_path`, else the config's `name_or_path`), the kept checkpoints' folders (absolute paths),
+    and whether they are LoRA adapters."""
     adapter = is_peft_model(model)
     config = model.peft_config[model.active_adapter] if adapter else None
     base = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    return {"base_model": base or None, "checkpoints": list(checkpoints), "adapter": adapter}
+    if base and os.path.isdir(base):  # a local folder: absolute, so the recipe replays from anywhere
+        base = os.path.abspath(base)
+    folders = [os.path.abspath(folder) for folder in checkpoints]
+    return {"base_model": base or None, "checkpoints": folders, "adapter": adapter}
 
 
 def check_trainer_run(args, trainer=None, needs_eval_dataset: bool = False) -> None:

@@ -228,10 +228,13 @@ class Report:
             "parameters": {"normalize": False},
             "dtype": "float32",
         }
+        replay = f"mergekit-yaml {MERGEKIT_RECIPE} OUTPUT_FOLDER" + (
+            " --lora-merge-cache CACHE_FOLDER" if self.sources.get("adapter") else ""  # mergekit fuses adapters there
+        )
         header = (
             f"# ExMe's chosen model ({self.final.kind}, {_hyper(self.final)}) as mergekit task arithmetic:\n"
             "# base + sum_i weight_i * (model_i - base). Replay on the original checkpoints with\n"
-            f"#   mergekit-yaml {MERGEKIT_RECIPE} OUTPUT_FOLDER\n"
+            f"#   {replay}\n"
         )
         return header + yaml.safe_dump(recipe, sort_keys=False)
 
@@ -283,7 +286,7 @@ class Report:
                 else []
             ),
             f"`{MERGEKIT_RECIPE}` is the same merge as a mergekit configuration (task arithmetic, "
-            f"`normalize: false`), `{REPORT_JSON}` every candidate evaluated.",
+            f"`normalize: false`; its first lines say how to replay it), `{REPORT_JSON}` every candidate evaluated.",
         ]
         return "\n".join(lines) + "\n"
 

@@ -243,9 +243,7 @@ def _tokenizer(base: str, folders: list[str], gguf_file: str | None):
     for folder in folders:  # the trainer saves its processing class into each checkpoint
         if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(folder)
-    return (
-        AutoTokenizer.from_pretrained(base, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(base)
-    )
+    return AutoTokenizer.from_pretrained(base, gguf_file=gguf_file)
 
 
 def load_plane(
