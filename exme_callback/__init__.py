@@ -1,8 +1,8 @@
 """Extrapolation Merging (ExMe) for Hugging Face fine-tuning, as one `TrainerCallback`."""
 
-from .arithmetic import combine, extrapolate, interpolate
+from .arithmetic import combine, extrapolate, interpolate, span_point
 from .callback import ExMeCallback
-from .evaluators import LMEvalEvaluator, Objective, TrainerEvaluator
+from .evaluators import LMEvalEvaluator, LossEvaluator, Objective, TrainerEvaluator
 from .search import Candidate, Checkpoint, exme_coefficients
 
 __version__ = "0.1.0"
@@ -12,10 +12,12 @@ __all__ = [
     "Checkpoint",
     "ExMeCallback",
     "LMEvalEvaluator",
+    "LossEvaluator",
     "Objective",
     "TrainerEvaluator",
     "combine",
     "exme_coefficients",
     "extrapolate",
     "interpolate",
+    "span_point",
 ]

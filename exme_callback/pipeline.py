@@ -245,6 +245,8 @@ def run(
     Returns:
         `Report`: everything evaluated and chosen; also written to `destination`.
     """
+    if base is not None:  # scored before the checkpoints were known: the origin of this span
+        base.coefficients = (0.0,) * len(checkpoints)
     report = Report(
         metric=scorer.objective.name,
         greater_is_better=scorer.objective.greater_is_better,
