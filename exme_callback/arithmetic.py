@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .kinship import Gram, dense_gram
+
 __all__ = [
     "DensePlane",
     "Plane",
@@ -264,7 +266,8 @@ class Plane(Protocol):
     - `save(folder, merged=False)`: save the model it computes now; returns what was written, by kind
       (`{"model": folder}`, or `{"adapter": folder, "merged": ...}`); `merged=True` asks for a plain model
       (a LoRA candidate fused into the base weights);
-    - `close(keep=False)`: put the trained weights back, bit for bit (`keep=True` leaves the last candidate).
+    - `close(keep=False)`: put the trained weights back, bit for bit (`keep=True` leaves the last candidate);
+    - `gram()`: the Gram matrix of the checkpoints' task vectors, for their kinship (`kinship.Gram`).
     """
 
     def apply(self, point: Point) -> None: ...
@@ -272,6 +275,8 @@ class Plane(Protocol):
     def save(self, folder: str, merged: bool = False) -> dict[str, str]: ...
 
     def close(self, keep: bool = False) -> None: ...
+
+    def gram(self) -> Gram: ...
 
 
 class DensePlane:
@@ -317,3 +322,7 @@ class DensePlane:
         if not keep:
             for name, tensor in self.trained.items():
                 self.live[name].copy_(tensor)
+
+    def gram(self) -> Gram:
+        """The Gram matrix of the task vectors, in one pass over the kept tensors."""
+        return dense_gram(self.base, self.checkpoints)

@@ -3,6 +3,7 @@
     exme run RUN_DIR --tasks my_task --include-path tasks/      # rank, sweep, choose, save RUN_DIR/exme/
     exme run RUN_DIR --eval-data val.jsonl                      # scored by the eval loss on a local file
     exme apply --base BASE --checkpoint A --checkpoint B --alpha1 0.2 --alpha2 0.1 --beta 0.5 OUT
+    exme kinship BASE A B [C ...]                              # how related the checkpoints are (--json)
 
 A thin shell over the library: `runs` reads the run and builds the plane, `pipeline.run` does what the callback's
 `on_train_end` does. Exit status: 0 on success, 1 when the work fails (a missing or corrupt checkpoint, a metric
@@ -17,6 +18,7 @@ import logging
 import os
 import sys
 
+from .kinship import METRICS
 from .search import CHOOSE_FROM, DEFAULT_ALPHAS, DEFAULT_BETAS, Checkpoint, exme_coefficients, validate_grid
 
 __all__ = ["main"]
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exme", description="Extrapolation Merging (ExMe) of a fine-tuning run's checkpoints.", epilog=EPILOG
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,apply}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,apply,kinship}")
     defaults = _Help
 
     run = commands.add_parser(
@@ -114,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--alpha1", type=float, default=0.0, help="with --beta: EXPO-1's extrapolation strength")
     apply.add_argument("--alpha2", type=float, default=0.0, help="with --beta: EXPO-2's extrapolation strength")
     apply.add_argument("--merged", action="store_true", help="LoRA: write the model fused into the base weights")
+    kinship = commands.add_parser(
+        "kinship",
+        help="how related checkpoints are: the kinship of their task vectors",
+        description="Model kinship (Hu et al. 2024) of checkpoints fine-tuned from one base: Pearson correlation, "
+        "cosine similarity and Euclidean distance of their task vectors (checkpoint - base), every pair from one "
+        "pass over the weights.",
+        formatter_class=_Help,
+    )
+    kinship.add_argument("base", metavar="BASE", help="the base model id or folder")
+    kinship.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="two or more checkpoint folders")
+    kinship.add_argument("--metric", choices=METRICS, action="append", help="print only these (default: all three)")
+    kinship.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    kinship.add_argument("--device", default="cpu", help="where the model is loaded (cpu, cuda, ...)")
+    kinship.add_argument("--dtype", choices=DTYPES, default="auto", help="the model's dtype (auto: the checkpoint's)")
     return parser
 
 
@@ -132,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             _check_run_usage(parser, args)
             _run(args)
-        else:
+        elif args.command == "apply":
             _check_apply_usage(parser, args)
             _apply(args)
+        else:
+            if len(args.checkpoints) < 2:
+                parser.error("kinship compares checkpoints: give at least two after BASE")
+            _kinship(args)
     except (ValueError, KeyError, OSError, NotImplementedError, ImportError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"exme: error: {message}", file=sys.stderr)
@@ -234,6 +254,12 @@ def _run(args) -> None:
     # 2. The live model and the plane; the scorers.
     loaded = load_plane(args.base, folders, dtype=_dtype(args.dtype), device=args.device, save_merged=args.save_merged)
     model, plane = loaded.model, loaded.plane
+    if loaded.tokenizer is None:
+        plane.close()
+        raise FileNotFoundError(
+            f"No tokenizer in {folders[0]} or in the base {loaded.base}: scoring needs one. Save the tokenizer "
+            "into the base folder (`tokenizer.save_pretrained(folder)`)."
+        )
     scorer = _scorer(args.tasks, args.include_path, args.eval_data, loaded.tokenizer, args)
     heldout = None
     if args.heldout_tasks or args.heldout_data:
@@ -289,11 +315,35 @@ def _apply(args) -> None:
         with publish_dir(args.output) as folder:
             saved = plane.save(folder, merged=args.merged)
             for path in saved.values():
-                loaded.tokenizer.save_pretrained(path)
+                if loaded.tokenizer is not None:
+                    loaded.tokenizer.save_pretrained(path)
     finally:
         plane.close()
     terms = " + ".join(f"{c:g} * d{i + 1}" for i, c in enumerate(args.coefficients))
     print(f"Wrote base + {terms} to {os.path.abspath(args.output)}")
+
+
+def _kinship(args) -> None:
+    """`exme kinship`: every pair's kinship, as tables or JSON."""
+    from .runs import load_plane
+
+    loaded = load_plane(args.base, args.checkpoints, dtype=_dtype(args.dtype), device=args.device)
+    try:
+        gram = loaded.plane.gram()
+    finally:
+        loaded.plane.close()
+    metrics = args.metric or list(METRICS)
+    matrices = {metric: gram.matrix(metric) for metric in metrics}
+    if args.json:
+        print(json.dumps({"base": loaded.base, "checkpoints": args.checkpoints, **matrices}, indent=2))
+        return
+    names = [os.path.basename(os.path.normpath(folder)) for folder in args.checkpoints]
+    for metric, matrix in matrices.items():
+        print(f"\n{metric}:\n")
+        print("| | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for name, row in zip(names, matrix):
+            print(f"| {name} | " + " | ".join(f"{value:.4f}" for value in row) + " |")
 
 
 def _scorer(tasks, include_path, data, tokenizer, args):

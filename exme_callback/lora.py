@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .arithmetic import Point, StateDict, TaskVectorMerge, merge_task_vectors, span_point
+from .kinship import Gram, LoraModule, dense_gram, lora_gram
 
 __all__ = ["LoraPlane", "check_peft_model", "is_peft_model", "quiet_peft_save"]
 
@@ -238,6 +239,28 @@ class LoraPlane:
             for name, tensor in self._base_layers.items():
                 parameters[name].copy_(tensor)
         self._base_layers.clear()
+
+    def gram(self) -> Gram:
+        """The Gram matrix of the checkpoints' task vectors: rank-sized for the LoRA modules (their biases, DoRA
+        modules and the other trainable tensors as dense deltas)."""
+        base_b = {p: self._base[_factor_names(p, m, self.adapter)[1]] for p, m in self._layers.items()}
+        modules, biases = [], [{} for _ in range(1 + len(self._checkpoints))]
+        for prefix, layer in self._layers.items():
+            a_name, b_name, bias_name = _factor_names(prefix, layer, self.adapter)
+            scaling = layer.scaling[self.adapter]
+            nonzero_base = bool(torch.count_nonzero(base_b[prefix]))
+            modules.append(
+                LoraModule(
+                    scaling,
+                    [(point[b_name], point[a_name]) for point in self._checkpoints],
+                    (self._base[b_name], self._base[a_name]) if nonzero_base else None,
+                )
+            )
+            if bias_name is not None:  # lora_bias: B's bias adds `scaling * bias` to the output
+                for tensors, point in zip(biases, (self._base, *self._checkpoints)):
+                    tensors[bias_name] = point[bias_name].float() * scaling
+        gram = dense_gram(self._dense_points[0], self._dense_points[1:]) + dense_gram(biases[0], biases[1:])
+        return gram + lora_gram(modules) if modules else gram
 
     def save(self, folder: str, merged: bool = False) -> dict[str, str]:
         """Save the current candidate: a PEFT adapter folder (and `merged/` with `save_merged`), or the fused model

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .arithmetic import DensePlane, Plane, Point, StateDict
 from .evaluators import Scorer, preserved_rng
+from .kinship import METRICS, Gram
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
 from .search import (
@@ -284,13 +285,17 @@ def run(
         return candidate
 
     try:
+        # 0. The kinship of the kept checkpoints: one pass over their tensors.
+        gram = plane.gram()
+        report.kinship = {"checkpoints": {metric: gram.matrix(metric) for metric in METRICS}, "pairs": []}
         # 1. The ExMe sweep (and the paper's baselines, for the report).
         gib = report.greater_is_better
         sweep(score, checkpoints, settings.alphas, settings.betas, gib, results=report.candidates)
         if settings.baselines:
             sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=report.candidates)
-        # 2. The choice.
+        # 2. The choice, and the kinship of what was merged.
         report.final = choose(report.candidates, gib, settings.choose_from)
+        report.kinship["pairs"] = _merged_pairs(report, gram)
         # 3. The held-out scores of the table's rows.
         if heldout is not None:
             progress.close()
@@ -323,6 +328,24 @@ def run(
     if log is not None:
         log(logs)
     return report
+
+
+def _merged_pairs(report: Report, gram: Gram) -> list[dict]:
+    """The kinship of the pairs the report's merges combine: SFT-1 and SFT-2 (the weighted merge, the baselines),
+    and EXPO-1 and EXPO-2 at the best ExMe merge's alphas."""
+    if gram.k < 2:
+        return []
+    unit = [tuple(float(i == j) for j in range(gram.k)) for i in range(2)]
+    pairs = [("SFT-1 / SFT-2", unit[0], unit[1])]
+    merge = report.best_exme
+    if merge is not None:
+        expo = [tuple((1.0 + merge.hyper[f"alpha{i + 1}"]) * c for c in unit[i]) for i in range(2)]
+        label = f"EXPO-1 (alpha1={merge.alpha1:g}) / EXPO-2 (alpha2={merge.alpha2:g})"
+        pairs.append((label, *expo))
+    return [
+        {"models": label, "a": list(a), "b": list(b), **{m: gram.kinship(a, b, m) for m in METRICS}}
+        for label, a, b in pairs
+    ]
 
 
 def _write_failure(report: Report, destination: str) -> None:

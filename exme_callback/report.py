@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .kinship import METRICS as KINSHIP
 from .search import Candidate, Checkpoint, best
 
 __all__ = ["Report", "publish_dir"]
@@ -51,6 +52,7 @@ class Report:
     saved: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # why the sweep stopped, when it failed
     sources: dict = field(default_factory=dict)
+    kinship: dict = field(default_factory=dict)  # {"checkpoints": {metric: k x k}, "pairs": [{...}, ...]}
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -115,6 +117,7 @@ class Report:
             "saved": dict(self.saved),
             "error": self.error,
             "sources": dict(self.sources),
+            "kinship": dict(self.kinship),
         }
 
     def to_markdown(self) -> str:
@@ -163,9 +166,22 @@ class Report:
         if skipped:
             lines += ["", "Skipped candidates (never chosen):", ""]
             lines += [f"- {c.kind} {_hyper(c)} ({_coefficients(c)}): {c.error}" for c in skipped]
+        lines += self._kinship_lines()
         if self.saved:
             lines += ["", "Saved: " + ", ".join(f"{k} in `{v}`" for k, v in self.saved.items()) + "."]
         return "\n".join(lines) + "\n"
+
+    def _kinship_lines(self) -> list[str]:
+        """Model kinship of the kept checkpoints and of each merged pair (Pearson, cosine, Euclidean distance of
+        their task vectors)."""
+        pairs = self.kinship.get("pairs", [])
+        if not pairs:
+            return []
+        lines = ["", "Model kinship of the merged models' task vectors (Hu et al. 2024):", ""]
+        lines += ["| models | pearson | cosine | euclidean |", "|---|---:|---:|---:|"]
+        for pair in pairs:
+            lines.append(f"| {pair['models']} | " + " | ".join(_number(pair[m]) for m in KINSHIP) + " |")
+        return lines
 
     def plot(self, path: str) -> None:
         """The sweep's figure (the ExMe paper's Figures 5 and 6): score against alpha for each checkpoint, and

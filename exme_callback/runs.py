@@ -238,12 +238,16 @@ def _load_base(base: str, model_class, dtype: torch.dtype | None, device: str):
 
 
 def _tokenizer(base: str, folders: list[str], gguf_file: str | None):
+    """The checkpoints' tokenizer (the trainer saves its processing class into each), else the base's, else None."""
     from transformers import AutoTokenizer
 
-    for folder in folders:  # the trainer saves its processing class into each checkpoint
+    for folder in folders:
         if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(base, gguf_file=gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(base, gguf_file=gguf_file)
+    except (OSError, ValueError):  # no tokenizer files: only scoring needs one, and it says so
+        return None
 
 
 def load_plane(
