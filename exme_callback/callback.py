@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import pipeline
 from .evaluators import Evaluator, LMEvalEvaluator, Objective, Scorer, TrainerEvaluator
 from .report import Report
-from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, rank_checkpoints
+from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, SearchSettings, rank_checkpoints
 from .snapshots import STORAGES, SnapshotStore, load_resume_state, save_state, trainable_tensors
 
 __all__ = ["ExMeCallback"]
@@ -147,7 +147,7 @@ class ExMeCallback(TrainerCallback):
         # The objectives; when None, resolved at on_train_begin from the evaluators' `directions` or the trainer.
         self.objective = None if metrics is None else Objective.from_spec(metrics)
         self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
-        self.settings = pipeline.SearchSettings(alphas, betas, choose_from, baselines)
+        self.settings = SearchSettings(alphas, betas, choose_from, baselines)
         self.storage = storage
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end, self.save_merged, self.evaluate_base = load_exme_at_end, save_merged, evaluate_base

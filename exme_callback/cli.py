@@ -19,7 +19,15 @@ import os
 import sys
 
 from .kinship import METRICS
-from .search import CHOOSE_FROM, DEFAULT_ALPHAS, DEFAULT_BETAS, Checkpoint, exme_coefficients, validate_grid
+from .search import (
+    CHOOSE_FROM,
+    DEFAULT_ALPHAS,
+    DEFAULT_BETAS,
+    Checkpoint,
+    SearchSettings,
+    exme_coefficients,
+    validate_grid,
+)
 
 __all__ = ["main"]
 
@@ -233,7 +241,7 @@ def _run(args) -> None:
 
     destination = os.path.abspath(args.output_dir or os.path.join(args.run_dir, "exme"))
     pipeline.check_writable(destination, "--output-dir")
-    settings = pipeline.SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
+    settings = SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
 
     # 1. The checkpoints: ranked from the run's history, or given.
     if args.checkpoint:

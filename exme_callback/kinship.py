@@ -65,6 +65,11 @@ class Gram:
         """The Gram of the concatenated task vectors (for example the dense part and the LoRA part of a model)."""
         return Gram(self.inner + other.inner, self.sums + other.sums, self.numel + other.numel)
 
+    def permuted(self, order: Sequence[int]) -> Gram:
+        """The same task vectors in another order: `d'_i = d_{order[i]}`."""
+        index = torch.as_tensor(list(order))
+        return Gram(self.inner[index][:, index], self.sums[index], self.numel)
+
     @property
     def k(self) -> int:
         return self.inner.shape[0]

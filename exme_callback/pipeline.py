@@ -16,12 +16,10 @@ The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -32,55 +30,35 @@ from .kinship import METRICS, Gram
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
 from .search import (
-    CHOOSE_FROM,
-    DEFAULT_ALPHAS,
-    DEFAULT_BETAS,
     DEFAULT_DENSITIES,
     Candidate,
     Checkpoint,
+    SearchSettings,
+    checkpoint_rows,
     choose,
     count_baselines,
     count_candidates,
+    mixup_draws,
     sweep,
     sweep_baselines,
-    validate_grid,
+    sweep_mixup,
+    topk_greedy,
 )
 from .snapshots import trainable_tensors
 
 __all__ = [
-    "SearchSettings",
+    "apply",
     "check_model",
     "check_trainer_run",
     "check_writable",
     "make_plane",
     "point_of",
     "run",
+    "search_order",
     "sources_of",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """What the sweep tries and how it chooses (see `ExMeCallback` for each argument), validated on creation."""
-
-    alphas: Sequence[float] = DEFAULT_ALPHAS
-    betas: Sequence[float] = DEFAULT_BETAS
-    choose_from: str = "all"
-    baselines: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0))
-        object.__setattr__(self, "betas", validate_grid("betas", self.betas, low=0.0, high=1.0))
-        if self.choose_from not in CHOOSE_FROM:
-            raise ValueError(f"`choose_from` must be one of {tuple(CHOOSE_FROM)}, got {self.choose_from!r}")
-        if not isinstance(self.baselines, bool):
-            raise TypeError(f"`baselines` must be a bool, got {self.baselines!r}")
-        if self.baselines and importlib.util.find_spec("peft") is None:
-            raise ImportError(
-                "`baselines=True` merges with PEFT's TIES and DARE: `pip install 'exme-callback[peft]'`."
-            )
 
 
 def sources_of(model: torch.nn.Module, checkpoints: Sequence[str]) -> dict:
@@ -181,8 +159,9 @@ def make_plane(
 
 
 def point_of(candidate: Candidate) -> Point:
-    """What the plane applies for `candidate`: its coefficient vector, or, for the TIES and DARE baselines, the
-    merge of the task vectors of the checkpoints it uses (`peft.utils.merge_utils`, equal weights)."""
+    """What the plane applies for `candidate`: its coefficient vector, or, off the span, the merge of the task
+    vectors of the checkpoints it uses (`peft.utils.merge_utils`): TIES and DARE with equal weights, M^3 with DARE
+    (`lambda * DARE(d_a) + (1 - lambda) * DARE(d_b)`)."""
     if candidate.on_span:
         return candidate.coefficients
     from peft.utils import merge_utils
@@ -191,16 +170,54 @@ def point_of(candidate: Candidate) -> Point:
     density = candidate.hyper["density"]
     if candidate.kind == "ties":  # trim, elect signs, disjoint mean
         return lambda ds: merge_utils.ties([ds[i] for i in used], torch.ones(len(used)).to(ds[0]), density)
-    # DARE: random drop and rescale, then the mean (the mask is seeded by `apply`)
+    if candidate.kind == "mixup":  # sparsify each task vector, then mix
+        lam = candidate.hyper["lambda"]
+        weights = (lam, 1.0 - lam)
+        return lambda ds: sum(
+            w * merge_utils.random_pruning(ds[i], density, rescale=True) for w, i in zip(weights, used)
+        )
+    # DARE: random drop and rescale, then the mean
     return lambda ds: merge_utils.dare_linear(
         [ds[i] for i in used], torch.full((len(used),), 1.0 / len(used)).to(ds[0]), density
     )
 
 
-def apply(plane: Plane, candidate: Candidate) -> None:
-    """Make the live model compute `candidate`; DARE's masks are seeded, so every application is the same model."""
-    with preserved_rng(seed=0) if candidate.kind == "dare" else contextlib.nullcontext():
-        plane.apply(point_of(candidate))
+def apply(plane: Plane, candidate: Candidate, order: Sequence[int] | None = None, seed: int = 0) -> None:
+    """Make the live model compute `candidate`. Random masks (DARE) are seeded, so every application of a candidate
+    is the same model. `order[i]` is the plane's block of the candidate's `i`-th checkpoint (the search may rank
+    the plane's checkpoints in another order)."""
+    point = point_of(candidate)
+    if order is not None and list(order) != sorted(order):
+        if callable(point):
+            merge = point
+            point = lambda ds: merge([ds[j] for j in order])  # noqa: E731
+        else:
+            permuted = [0.0] * len(order)
+            for i, j in enumerate(order):
+                permuted[j] = point[i]
+            point = tuple(permuted)
+    with preserved_rng(seed) if not candidate.on_span else contextlib.nullcontext():
+        plane.apply(point)
+
+
+def search_order(checkpoints: Sequence[Checkpoint], gram: Gram, settings: SearchSettings) -> list[int]:
+    """The order the search sees the kept checkpoints in: the best first, then its merge partner (the second best,
+    or with `partner="kinship"` the best-scoring checkpoint not too related to the best), then the others."""
+    n = len(checkpoints)
+    partner = 1
+    if settings.partner == "kinship" and n > 2:
+        metric, threshold = settings.kinship_metric, settings.kinship_threshold
+        unit = [tuple(float(i == j) for j in range(n)) for i in range(n)]
+        values = [gram.kinship(unit[0], unit[j], metric) for j in range(1, n)]
+        far = [j + 1 for j, v in enumerate(values) if (v > threshold if metric == "euclidean" else v < threshold)]
+        if far:
+            partner = far[0]
+        else:
+            logger.warning(
+                f"ExMe: every kept checkpoint has {metric} kinship {'<=' if metric == 'euclidean' else '>='} "
+                f"{threshold} with the best; merging the second best."
+            )
+    return [0, partner, *(i for i in range(1, n) if i != partner)] if n > 1 else [0]
 
 
 def run(
@@ -210,7 +227,7 @@ def run(
     scorer: Scorer,
     destination: str,
     *,
-    settings: SearchSettings = SearchSettings(),
+    settings: SearchSettings | None = None,
     heldout: Scorer | None = None,
     base: Candidate | None = None,
     processing_class=None,
@@ -220,7 +237,7 @@ def run(
     show_progress: bool = True,
     log: Callable[[dict[str, float]], None] | None = None,
 ) -> Report:
-    """Sweep, choose, score held-out, publish: the whole of ExMe once the checkpoints are kept.
+    """Search, choose, score held-out, publish: the whole of ExMe once the checkpoints are kept.
 
     Args:
         model (`torch.nn.Module`): the live model the plane writes into and the scorers evaluate.
@@ -229,7 +246,7 @@ def run(
             the SFT rows'); one per block of the plane.
         scorer (`Scorer`): the selection score of a candidate.
         destination (`str`): the output folder (`<output_dir>/exme`).
-        settings (`SearchSettings`, *optional*): grids, `choose_from` and the baselines.
+        settings (`SearchSettings`, *optional*): the strategy, its grids and draws, `choose_from`, the baselines.
         heldout (`Scorer`, *optional*): scores the rows of the table on data that chose nothing.
         base (`Candidate`, *optional*): the base model's row, already scored (the held-out score too, or it is
             added here).
@@ -246,38 +263,39 @@ def run(
     Returns:
         `Report`: everything evaluated and chosen; also written to `destination`.
     """
+    settings = settings or SearchSettings()
+    sources = dict(sources or {})
+    n = len(checkpoints)
     if base is not None:  # scored before the checkpoints were known: the origin of this span
-        base.coefficients = (0.0,) * len(checkpoints)
+        base.coefficients = (0.0,) * n
     report = Report(
         metric=scorer.objective.name,
         greater_is_better=scorer.objective.greater_is_better,
         checkpoints=list(checkpoints),
-        candidates=[],  # filled by the sweep as candidates are scored
+        candidates=[],  # filled by the search as candidates are scored
         final=None,
         alphas=settings.alphas,
         betas=settings.betas,
         choose_from=settings.choose_from,
         base=base,
         columns=list(scorer.objective.metrics),
-        sources=dict(sources or {}),
+        sources=sources,
+        strategy=settings.strategy,
     )
     if heldout is not None:
         report.heldout_metric = heldout.objective.name
         report.heldout_greater_is_better = heldout.objective.greater_is_better
         report.heldout_columns = list(heldout.objective.metrics)
-    n = len(checkpoints)
     if n == 1:
         logger.warning(
             "ExMe: only one checkpoint was evaluated; extrapolating it (EXPO) without a merge. Evaluate more often "
             "to merge two checkpoints."
         )
-    total = count_candidates(n, settings.alphas, settings.betas)
-    if settings.baselines:
-        total += count_baselines(n, settings.betas, DEFAULT_DENSITIES)
-    progress = tqdm(total=total, desc="ExMe sweep", disable=not show_progress)
+    progress = tqdm(total=_count(settings, n), desc=f"ExMe search ({settings.strategy})", disable=not show_progress)
+    order = list(range(n))
 
     def score(candidate: Candidate) -> Candidate:
-        apply(plane, candidate)
+        apply(plane, candidate, order, settings.seed)
         scorer.score_into(model, candidate)
         if log is not None and candidate.valid:
             log(candidate.log_values())
@@ -285,16 +303,18 @@ def run(
         return candidate
 
     try:
-        # 0. The kinship of the kept checkpoints: one pass over their tensors.
+        # 0. The kinship of the kept checkpoints (one pass over their tensors) and the merge partner.
         gram = plane.gram()
+        order[:] = search_order(checkpoints, gram, settings)
+        checkpoints = report.checkpoints = [checkpoints[i] for i in order]
+        gram = gram.permuted(order)
+        if sources.get("checkpoints"):
+            sources["checkpoints"] = [sources["checkpoints"][i] for i in order]
         report.kinship = {"checkpoints": {metric: gram.matrix(metric) for metric in METRICS}, "pairs": []}
-        # 1. The ExMe sweep (and the paper's baselines, for the report).
-        gib = report.greater_is_better
-        sweep(score, checkpoints, settings.alphas, settings.betas, gib, results=report.candidates)
-        if settings.baselines:
-            sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=report.candidates)
+        # 1. The search (and the paper's baselines, for the report).
+        _search(score, checkpoints, gram, settings, report)
         # 2. The choice, and the kinship of what was merged.
-        report.final = choose(report.candidates, gib, settings.choose_from)
+        report.final = choose(report.candidates, report.greater_is_better, settings.choose_from)
         report.kinship["pairs"] = _merged_pairs(report, gram)
         # 3. The held-out scores of the table's rows.
         if heldout is not None:
@@ -302,11 +322,11 @@ def run(
             rows = [c for c in {id(c): c for _, c in report.rows()}.values() if c.heldout_score is None]
             progress = tqdm(total=len(rows), desc="ExMe held-out rows", disable=not show_progress)
             for candidate in rows:
-                apply(plane, candidate)
+                apply(plane, candidate, order, settings.seed)
                 heldout.score_into(model, candidate, heldout=True)
                 progress.update()
         # 4. The chosen model, saved.
-        apply(plane, report.final)
+        apply(plane, report.final, order, settings.seed)
         with publish_dir(destination, write=write) as folder:
             if write:
                 saved = plane.save(folder)
@@ -328,6 +348,45 @@ def run(
     if log is not None:
         log(logs)
     return report
+
+
+def _count(settings: SearchSettings, n: int) -> int | None:
+    """How many evaluations the search runs (None when the strategy decides as it goes)."""
+    if settings.strategy == "topk_greedy":
+        return settings.budget
+    if settings.strategy == "mixup":
+        total = settings.mixup_draws if n >= 2 else 0
+    else:
+        total = count_candidates(n, settings.alphas, _betas(settings))
+    return total + (count_baselines(n, settings.betas, DEFAULT_DENSITIES) if settings.baselines else 0)
+
+
+def _betas(settings: SearchSettings) -> Sequence[float]:
+    if settings.beta_search == "mixup":
+        return mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed)
+    return settings.betas
+
+
+def _search(score, checkpoints: Sequence[Checkpoint], gram: Gram, settings: SearchSettings, report: Report) -> None:
+    """Run the strategy, appending to `report.candidates` as candidates are scored."""
+    results, gib = report.candidates, report.greater_is_better
+    if settings.strategy == "exme":
+        sweep(score, checkpoints, settings.alphas, _betas(settings), gib, results=results)
+    elif settings.strategy == "mixup":
+        results += checkpoint_rows(checkpoints)
+        if len(checkpoints) >= 2:
+            draws = mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed)
+            sweep_mixup(score, checkpoints, draws, density=settings.dare, results=results)
+    else:
+        metric = settings.kinship_metric
+        sign = -1.0 if metric == "euclidean" else 1.0  # relatedness: higher for closer relatives
+
+        def relatedness(a, b) -> float:
+            return sign * gram.kinship(a, b, metric)
+
+        topk_greedy(score, checkpoints, relatedness, settings.top_k, settings.budget, gib, results=results)
+    if settings.baselines:
+        sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=results)
 
 
 def _merged_pairs(report: Report, gram: Gram) -> list[dict]:

@@ -53,6 +53,7 @@ class Report:
     error: str | None = None  # why the sweep stopped, when it failed
     sources: dict = field(default_factory=dict)
     kinship: dict = field(default_factory=dict)  # {"checkpoints": {metric: k x k}, "pairs": [{...}, ...]}
+    strategy: str = "exme"
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -118,6 +119,7 @@ class Report:
             "error": self.error,
             "sources": dict(self.sources),
             "kinship": dict(self.kinship),
+            "strategy": self.strategy,
         }
 
     def to_markdown(self) -> str:

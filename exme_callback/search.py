@@ -15,8 +15,10 @@ and the `exme` command rank and choose the same way.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -27,15 +29,20 @@ __all__ = [
     "DEFAULT_DENSITIES",
     "Candidate",
     "Checkpoint",
+    "SearchSettings",
     "best",
+    "checkpoint_rows",
     "choose",
     "count_baselines",
     "count_candidates",
     "exme_coefficients",
     "is_better",
+    "mixup_draws",
     "rank_checkpoints",
     "sweep",
     "sweep_baselines",
+    "sweep_mixup",
+    "topk_greedy",
     "validate_grid",
 ]
 
@@ -44,9 +51,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
-KINDS = ("base", "sft", "expo", "exme", "weighted", "ties", "dare")
+KINDS = ("base", "sft", "expo", "exme", "mixup", "topk", "weighted", "ties", "dare")
 OFF_SPAN = ("ties", "dare")  # sparsified merges: not points of the span, `coefficients` is None
-CHOOSE_FROM = {"all": ("sft", "expo", "exme"), "exme": ("exme",)}  # the kinds each `choose_from` picks among
+CHOOSE_FROM = {"all": ("sft", "expo", "exme", "mixup", "topk"), "exme": ("exme",)}  # what `choose_from` picks among
 EXME_HYPER = ("alpha1", "alpha2", "beta")
 
 
@@ -91,11 +98,13 @@ class Candidate:
     error: str | None = None
     heldout_score: float | None = None
     heldout_metrics: dict[str, float] = field(default_factory=dict)
+    parents: tuple[int, ...] = ()  # Top-k greedy: the positions of the merged candidates in the results
 
     def __post_init__(self):
         if self.coefficients is not None:
             self.coefficients = tuple(float(c) for c in self.coefficients)
         self.steps = tuple(self.steps)
+        self.parents = tuple(self.parents)
 
     @property
     def valid(self) -> bool:
@@ -136,6 +145,7 @@ class Candidate:
         data = asdict(self)
         data["coefficients"] = None if self.coefficients is None else list(self.coefficients)
         data["steps"] = list(self.steps)
+        data["parents"] = list(self.parents)
         data.update({f"c{i + 1}": self.coefficient(i) for i in range(k)})
         data.update({f"step{i + 1}": self.step(i) for i in range(k)})
         data.update({name: self.hyper.get(name) for name in EXME_HYPER})
@@ -145,6 +155,104 @@ class Candidate:
     def from_dict(cls, data: dict) -> Candidate:
         """The inverse of `to_dict`."""
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+STRATEGIES = ("exme", "mixup", "topk_greedy")
+PARTNERS = ("next", "kinship")
+BETA_SEARCHES = ("grid", "mixup")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    r"""What the search tries and how it chooses; every setting is validated on creation.
+
+    Args:
+        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.5)`): EXPO's extrapolation strengths, >= 0.
+        betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`): ExMe's merge weights, in [0, 1].
+        choose_from (`str`, *optional*, defaults to `"all"`): `"all"` candidates, or `"exme"` merges only.
+        baselines (`bool`, *optional*, defaults to `False`): also score the weighted, TIES and DARE merges.
+        strategy (`str`, *optional*, defaults to `"exme"`): `"exme"` (the paper's EXPO then merge search),
+            `"mixup"` (M^3: \( \lambda \, \text{SFT-1} + (1 - \lambda) \, \text{SFT-2} \) with
+            \( \lambda \sim \text{Beta}(a, a) \)), or `"topk_greedy"` (Top-k greedy merging with model kinship,
+            `search.topk_greedy`).
+        top_k (`int`, *optional*, defaults to 2): how many of the best checkpoints are kept (memory: `top_k` copies
+            of the trainable tensors) and, for `"topk_greedy"`, how many of the best models each generation merges.
+        partner (`str`, *optional*, defaults to `"next"`): SFT-2, the second model of the ExMe and M^3 merges:
+            `"next"` is the second-best checkpoint; `"kinship"` the best-scoring kept checkpoint whose kinship with
+            the best is below `kinship_threshold` (above it for the Euclidean distance), so the two are not
+            near-copies (the second best when none is).
+        kinship_metric (`str`, *optional*, defaults to `"pearson"`): `"pearson"`, `"cosine"` or `"euclidean"`.
+        kinship_threshold (`float`, *optional*, defaults to 0.95): see `partner`; in [-1, 1] for the similarities,
+            >= 0 for the distance.
+        beta_search (`str`, *optional*, defaults to `"grid"`): ExMe's betas from the `betas` grid, or `"mixup"`:
+            `mixup_draws` draws from `Beta(mixup_a, mixup_a)`.
+        mixup_a (`float`, *optional*, defaults to 2.0): the `a` of `Beta(a, a)`, > 0 (< 1 favours ratios near 0
+            and 1, > 1 near 0.5).
+        mixup_draws (`int`, *optional*, defaults to 9): how many ratios are drawn (seeded by `seed`).
+        dare (`float`, *optional*): M^3 with DARE: each task vector keeps this fraction of its entries (at random,
+            rescaled, seeded) before the mixup; in (0, 1]. Such merges are off the span: saved as full models.
+        budget (`int`, *optional*): `"topk_greedy"`: the most merges evaluated.
+        seed (`int`, *optional*, defaults to 0): the seed of the draws and of the DARE masks.
+    """
+
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    betas: Sequence[float] = DEFAULT_BETAS
+    choose_from: str = "all"
+    baselines: bool = False
+    strategy: str = "exme"
+    top_k: int = 2
+    partner: str = "next"
+    kinship_metric: str = "pearson"
+    kinship_threshold: float = 0.95
+    beta_search: str = "grid"
+    mixup_a: float = 2.0
+    mixup_draws: int = 9
+    dare: float | None = None
+    budget: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0))
+        object.__setattr__(self, "betas", validate_grid("betas", self.betas, low=0.0, high=1.0))
+        for name, allowed in (
+            ("choose_from", tuple(CHOOSE_FROM)),
+            ("strategy", STRATEGIES),
+            ("partner", PARTNERS),
+            ("kinship_metric", ("pearson", "cosine", "euclidean")),
+            ("beta_search", BETA_SEARCHES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.baselines, bool):
+            raise TypeError(f"`baselines` must be a bool, got {self.baselines!r}")
+        for name, low in (("top_k", 2), ("mixup_draws", 1), ("budget", 1)):
+            value = getattr(self, name)
+            if (value is not None or name != "budget") and (_not_int(value) or value < low):
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        if _not_real(self.mixup_a) or not self.mixup_a > 0:
+            raise ValueError(f"`mixup_a` (the `a` of Beta(a, a)) must be a number > 0, got {self.mixup_a!r}")
+        if self.dare is not None and (_not_real(self.dare) or not 0 < self.dare <= 1):
+            raise ValueError(f"`dare` (the density kept) must be in (0, 1], got {self.dare!r}")
+        low, high = (0.0, math.inf) if self.kinship_metric == "euclidean" else (-1.0, 1.0)
+        if _not_real(self.kinship_threshold) or not low <= self.kinship_threshold <= high:
+            raise ValueError(
+                f"`kinship_threshold` must be in [{low}, {high}] for `kinship_metric={self.kinship_metric!r}`, got "
+                f"{self.kinship_threshold!r}"
+            )
+        if _not_int(self.seed):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        if (self.baselines or self.dare is not None) and importlib.util.find_spec("peft") is None:
+            raise ImportError(
+                "TIES and DARE merges (`baselines=True`, `dare=`) use PEFT: `pip install 'exme-callback[peft]'`."
+            )
+
+
+def _not_int(value) -> bool:
+    return not isinstance(value, int) or isinstance(value, bool)
+
+
+def _not_real(value) -> bool:
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
 
 
 def exme_coefficients(alpha1: float, alpha2: float, beta: float) -> tuple[float, float]:
@@ -250,6 +358,16 @@ def _point(k: int, steps: Sequence[int], **coefficients: float) -> dict:
     return {"coefficients": tuple(c), "steps": tuple(s if x != 0.0 else None for s, x in zip(steps, c))}
 
 
+def checkpoint_rows(checkpoints: Sequence[Checkpoint]) -> list[Candidate]:
+    """The kept checkpoints as candidates (`kind="sft"`, the unit coefficient vectors), with the scores they got
+    when they were evaluated."""
+    steps = [c.step for c in checkpoints]
+    return [
+        Candidate("sft", **_point(len(steps), steps, **{f"c{i + 1}": 1.0}), score=c.score, metrics=dict(c.metrics))
+        for i, c in enumerate(checkpoints)
+    ]
+
+
 def sweep_baselines(
     score: Callable[[Candidate], Candidate],
     checkpoints: Sequence[Checkpoint],
@@ -317,9 +435,7 @@ def sweep(
     results = [] if results is None else results
 
     # 1. The checkpoints, with the scores they got during training (from the same evaluation).
-    for i, checkpoint in enumerate(checkpoints):
-        point = _point(k, steps, **{f"c{i + 1}": 1.0})
-        results.append(Candidate("sft", **point, score=checkpoint.score, metrics=dict(checkpoint.metrics)))
+    results += checkpoint_rows(checkpoints)
 
     # 2. EXPO: each checkpoint's best alpha (0, the checkpoint itself, when no alpha scores a finite number).
     best_alphas = []
@@ -340,4 +456,109 @@ def sweep(
             point["steps"] = (steps[0], steps[1], *point["steps"][2:])
             hyper = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta}
             results.append(score(Candidate("exme", **point, hyper=hyper)))
+    return results
+
+
+def mixup_draws(a: float, draws: int, seed: int = 0) -> tuple[float, ...]:
+    """`draws` merge ratios `lambda ~ Beta(a, a)`, seeded (M^3, Mixup Model Merge, arXiv 2502.15434)."""
+    rng = random.Random(seed)
+    return tuple(rng.betavariate(a, a) for _ in range(draws))
+
+
+def sweep_mixup(
+    score: Callable[[Candidate], Candidate],
+    checkpoints: Sequence[Checkpoint],
+    lambdas: Sequence[float],
+    pair: tuple[int, int] = (0, 1),
+    density: float | None = None,
+    results: list[Candidate] | None = None,
+) -> list[Candidate]:
+    """M^3: `lambda * SFT_a + (1 - lambda) * SFT_b` for each drawn `lambda`, as the paper merges two fine-tuned
+    models. With `density`, both task vectors are first sparsified by DARE (drop to `density` at random, rescale);
+    such a model is off the span (`coefficients` is None) and its masks are seeded by the plane's caller."""
+    results = [] if results is None else results
+    for lam in lambdas:
+        point = _point(len(checkpoints), [c.step for c in checkpoints], **{f"c{pair[0] + 1}": lam})
+        c = list(point["coefficients"])
+        c[pair[1]] = 1.0 - lam
+        steps = [c_.step if i in pair else None for i, c_ in enumerate(checkpoints)]
+        hyper = {"lambda": lam} if density is None else {"lambda": lam, "density": density}
+        coefficients = tuple(c) if density is None else None
+        results.append(score(Candidate("mixup", coefficients, steps, hyper=hyper)))
+    return results
+
+
+def topk_greedy(
+    score: Callable[[Candidate], Candidate],
+    checkpoints: Sequence[Checkpoint],
+    relatedness: Callable[[Sequence[float], Sequence[float]], float],
+    k: int = 2,
+    budget: int | None = None,
+    greater_is_better: bool = False,
+    results: list[Candidate] | None = None,
+) -> list[Candidate]:
+    """Top-k greedy merging with model kinship (Hu et al. 2024), on coefficient vectors.
+
+    The pool starts with the kept checkpoints (their training scores). Each generation:
+
+    1. merges every pair of the pool's `k` best models and scores the merges, which join the pool;
+    2. when the best score did not improve, explores: merges the best model with its least related model of the
+       pool (lowest `relatedness`, that is kinship), and scores it;
+    3. stops after a generation whose merges (exploration included) did not improve the best score, when no new
+       merge is left, or when `budget` evaluations are spent.
+
+    Differences from the paper: the merge operator is the midpoint of the two models (a linear merge with equal
+    weights: their coefficient vectors averaged), so every model stays a point of the span, switched in place and
+    never written to disk; the paper merges with mergekit (SLERP in its experiments), which is not linear in the
+    weights. A merge already in the pool is not evaluated twice.
+
+    Args:
+        score (`Callable[[Candidate], Candidate]`): evaluates a point (see `sweep`).
+        checkpoints (`Sequence[Checkpoint]`): the kept checkpoints, best first.
+        relatedness (`Callable`): the kinship of two coefficient vectors, higher for closer relatives (for a
+            distance, its negative).
+        k (`int`, *optional*, defaults to 2): how many of the best models each generation merges pairwise.
+        budget (`int`, *optional*): the most evaluations; unlimited when `None`.
+        greater_is_better (`bool`): the direction of the score.
+        results (`list[Candidate]`, *optional*): appended to as candidates are scored.
+
+    Returns:
+        `list[Candidate]`: the checkpoints, then the merges (`kind="topk"`, `hyper["generation"]`,
+        `hyper["kinship"]` of the parents, `hyper["exploration"] = 1` for exploration merges, `parents`).
+    """
+    results = [] if results is None else results
+    steps, first = [c.step for c in checkpoints], len(results)
+    results += checkpoint_rows(checkpoints)
+    seen = {c.coefficients for c in results[first:]}
+    evaluations, generation = 0, 0
+
+    def merge(i: int, j: int, **hyper) -> Candidate | None:
+        nonlocal evaluations
+        a, b = results[i].coefficients, results[j].coefficients
+        c = tuple((x + y) / 2 for x, y in zip(a, b))
+        if c in seen or (budget is not None and evaluations >= budget):
+            return None
+        seen.add(c)
+        evaluations += 1
+        used = tuple(s if x != 0.0 else None for s, x in zip(steps, c))
+        hyper = {"generation": generation, "kinship": relatedness(a, b), **hyper}
+        results.append(score(Candidate("topk", c, used, hyper=hyper, parents=(i, j))))
+        return results[-1]
+
+    while budget is None or evaluations < budget:
+        generation += 1
+        pool = [i for i in range(first, len(results)) if results[i].valid]
+        leader = best((results[i] for i in pool), greater_is_better)
+        top = sorted(pool, key=lambda i: -results[i].score if greater_is_better else results[i].score)[:k]
+        merged = [merge(i, j) for a, i in enumerate(top) for j in top[a + 1 :]]
+        new_best = best((results[i] for i in range(first, len(results))), greater_is_better)
+        if new_best is leader:  # 2. no gain: explore with the least related model of the pool
+            index = results.index(leader)
+            others = [i for i in pool if i != index]
+            others.sort(key=lambda i: relatedness(leader.coefficients, results[i].coefficients))
+            explored = next((m for m in (merge(index, i, exploration=1) for i in others) if m is not None), None)
+            merged.append(explored)
+            new_best = best((results[i] for i in range(first, len(results))), greater_is_better)
+        if new_best is leader or not any(merged):  # 3. a generation without gain (or nothing new): stop
+            break
     return results

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from exme_callback import pipeline
 from exme_callback.arithmetic import DensePlane
 from exme_callback.evaluators import Objective, Scorer
-from exme_callback.search import Candidate, Checkpoint, exme_coefficients
+from exme_callback.search import Candidate, Checkpoint, SearchSettings, exme_coefficients
 from exme_callback.snapshots import trainable_tensors
 
 TARGET = (2.5, 2.0)  # the (a, b) the closeness evaluator rewards
@@ -113,7 +113,7 @@ def regression_run(model, tmp_path, evaluator, keep_chosen=False, sources=None):
         checkpoints,
         scorer,
         str(tmp_path / "exme"),
-        settings=pipeline.SearchSettings(alphas=ALPHAS, betas=BETAS),
+        settings=SearchSettings(alphas=ALPHAS, betas=BETAS),
         keep_chosen=keep_chosen,
         sources=sources,
         show_progress=False,
