@@ -26,8 +26,6 @@ __all__ = ["ExMeCallback"]
 
 logger = logging.getLogger(__name__)
 
-KEEP = 2  # ExMe merges the two best checkpoints
-
 
 class ExMeCallback(TrainerCallback):
     r"""Extrapolation Merging (ExMe): a free improvement of a fine-tuned model, searched when training ends.
@@ -89,6 +87,10 @@ class ExMeCallback(TrainerCallback):
             beside the adapter (rank `r1 + r2`). DoRA runs are always saved fused.
         evaluate_base (`bool`, *optional*, defaults to `True`):
             Score the base model before training (it checks the metric early) for the report's Base row.
+        **search:
+            The other search settings (`search.SearchSettings`): `strategy` (`"exme"`, `"mixup"` for M^3,
+            `"topk_greedy"`), `top_k` (checkpoints kept, default 2), `partner="kinship"` with `kinship_metric` and
+            `kinship_threshold`, `beta_search="mixup"`, `mixup_a`, `mixup_draws`, `dare`, `budget`, `seed`.
 
     Example:
 
@@ -120,6 +122,7 @@ class ExMeCallback(TrainerCallback):
         load_exme_at_end: bool = False,
         save_merged: bool = False,
         evaluate_base: bool = True,
+        **search,
     ):
         if trainer is not None and not (hasattr(trainer, "evaluate") and hasattr(trainer, "callback_handler")):
             raise TypeError(f"`trainer` must be a `transformers.Trainer`, got {type(trainer).__name__}")
@@ -147,7 +150,7 @@ class ExMeCallback(TrainerCallback):
         # The objectives; when None, resolved at on_train_begin from the evaluators' `directions` or the trainer.
         self.objective = None if metrics is None else Objective.from_spec(metrics)
         self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
-        self.settings = SearchSettings(alphas, betas, choose_from, baselines)
+        self.settings = SearchSettings(alphas, betas, choose_from, baselines, **search)
         self.storage = storage
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end, self.save_merged, self.evaluate_base = load_exme_at_end, save_merged, evaluate_base
@@ -157,7 +160,7 @@ class ExMeCallback(TrainerCallback):
         self._scorer: Scorer | None = None  # the evaluator and the objective, from on_train_begin
         self._heldout: Scorer | None = None  # the same for the report evaluator
         self._store: SnapshotStore | None = None  # created at on_train_begin, when the run's folder is known
-        self._kept: list[Checkpoint] = []  # the best checkpoints so far, best first (at most KEEP)
+        self._kept: list[Checkpoint] = []  # the best checkpoints so far, best first (at most `top_k`)
         self._base: Candidate | None = None  # the base model's evaluation, when `evaluate_base`
         self._training = False  # only evaluations between train begin and end score checkpoints
 
@@ -211,7 +214,7 @@ class ExMeCallback(TrainerCallback):
         if not rank_checkpoints([new], self.objective.greater_is_better):
             logger.warning(f"ExMe: the evaluation at step {step} scored {score}; this checkpoint is not kept.")
             return
-        kept = rank_checkpoints([*self._kept, new], self.objective.greater_is_better, keep=KEEP)
+        kept = rank_checkpoints([*self._kept, new], self.objective.greater_is_better, keep=self.settings.top_k)
         if new not in kept:
             return
         self._store.save(f"step-{step}", trainable_tensors(model))
@@ -275,7 +278,7 @@ class ExMeCallback(TrainerCallback):
 
     def _score_base(self, model: torch.nn.Module, score: float | None = None, metrics: dict | None = None) -> None:
         """The Base row: its selection score (given, or evaluated now) and its held-out score."""
-        self._base = Candidate("base", (0.0,) * KEEP, score=score, metrics=metrics or {})
+        self._base = Candidate("base", (0.0,) * self.settings.top_k, score=score, metrics=metrics or {})
         if score is None:
             self._scorer.score_into(model, self._base)
         if self._heldout is not None:  # also checks the report evaluator's metrics before training

@@ -20,9 +20,12 @@ import sys
 
 from .kinship import METRICS
 from .search import (
+    BETA_SEARCHES,
     CHOOSE_FROM,
     DEFAULT_ALPHAS,
     DEFAULT_BETAS,
+    PARTNERS,
+    STRATEGIES,
     Checkpoint,
     SearchSettings,
     exme_coefficients,
@@ -33,6 +36,19 @@ __all__ = ["main"]
 
 EPILOG = "Every model is a point base + sum_i c_i * (checkpoint_i - base); nothing is unpickled."
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SEARCH_OPTIONS = (
+    "strategy",
+    "top_k",
+    "partner",
+    "kinship_metric",
+    "kinship_threshold",
+    "beta_search",
+    "mixup_a",
+    "mixup_draws",
+    "dare",
+    "budget",
+    "seed",
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -102,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--baselines", action="store_true", help="also score weighted, TIES and DARE merges for the report"
     )
+    strategy = run.add_argument_group("strategy (see the README's Strategies section)")
+    strategy.add_argument(
+        "--strategy", choices=STRATEGIES, default="exme", help="the search: ExMe, M^3 or Top-k greedy"
+    )
+    strategy.add_argument("--top-k", type=int, default=2, help="how many of the best checkpoints are kept and merged")
+    strategy.add_argument("--partner", choices=PARTNERS, default="next", help="SFT-2: the next best, or by kinship")
+    strategy.add_argument("--kinship-metric", choices=METRICS, default="pearson", help="kinship for --partner")
+    strategy.add_argument(
+        "--kinship-threshold", type=float, default=0.95, help="--partner kinship: below it (above, for euclidean)"
+    )
+    strategy.add_argument("--beta-search", choices=BETA_SEARCHES, default="grid", help="ExMe's betas: grid or M^3")
+    strategy.add_argument("--mixup-a", type=float, default=2.0, help="M^3: lambda ~ Beta(a, a)")
+    strategy.add_argument("--mixup-draws", type=int, default=9, help="M^3: how many lambdas are drawn")
+    strategy.add_argument("--dare", type=float, help="M^3 with DARE: the density each task vector keeps")
+    strategy.add_argument("--budget", type=int, help="Top-k greedy: the most merges evaluated")
+    strategy.add_argument("--seed", type=int, default=0, help="seed of the draws and of the DARE masks")
     output = run.add_argument_group("output")
     output.add_argument("--output-dir", help="where the result goes (default: RUN_DIR/exme)")
     output.add_argument(
@@ -187,6 +219,14 @@ def _check_run_usage(parser, args) -> None:
         args.betas = validate_grid("--betas", args.betas, low=0.0, high=1.0)
     except (TypeError, ValueError) as error:
         parser.error(str(error).replace("`", ""))
+    options = {name: getattr(args, name) for name in SEARCH_OPTIONS}
+    try:
+        args.settings = SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines, **options)
+    except (TypeError, ValueError) as error:  # named as the option, not the Python argument
+        message = str(error)
+        for name in SEARCH_OPTIONS:
+            message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
+        parser.error(message)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.limit is not None and args.limit <= 0:
@@ -241,14 +281,14 @@ def _run(args) -> None:
 
     destination = os.path.abspath(args.output_dir or os.path.join(args.run_dir, "exme"))
     pipeline.check_writable(destination, "--output-dir")
-    settings = SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines)
+    settings = args.settings
 
     # 1. The checkpoints: ranked from the run's history, or given.
     if args.checkpoint:
         folders = args.checkpoint
         steps = [_step_of(folder, i) for i, folder in enumerate(folders)]
     else:
-        ranked = rank_run(args.run_dir, args.metric)
+        ranked = rank_run(args.run_dir, args.metric, keep=settings.top_k)
         direction = "higher" if ranked.greater_is_better else "lower"
         _say(
             f"Ranked by {ranked.metric} ({direction} is better): "

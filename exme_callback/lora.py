@@ -264,11 +264,9 @@ class LoraPlane:
 
     def save(self, folder: str, merged: bool = False) -> dict[str, str]:
         """Save the current candidate: a PEFT adapter folder (and `merged/` with `save_merged`), or the fused model
-        (`merged=True`, and always for DoRA runs). Returns `{"adapter": folder, "merged": ...}` or
-        `{"model": folder}`."""
-        if self._off_span:
-            raise ValueError("The live candidate is a merge off the span (TIES, DARE): it is not saved.")
-        if merged or not self.exact_adapter:  # DoRA: the candidate is dense effective weights, saved fused
+        (`merged=True`, and always for DoRA runs and merges off the span, which are not low-rank). Returns
+        `{"adapter": folder, "merged": ...}` or `{"model": folder}`."""
+        if merged or self._off_span or not self.exact_adapter:  # dense weights (DoRA, merges off the span): fused
             self.save_merged(folder)
             return {"model": folder}
         self.save_adapter(folder)

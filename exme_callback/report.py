@@ -94,7 +94,8 @@ class Report:
             sft.append((f"SFT-{i + 1}", next((c for c in on_i if c.kind == "sft"), None)))
             expo.append((f"EXPO-{i + 1}", best(on_i, gib, kinds=("expo",))))
         baselines = [(label, best(self.candidates, gib, kinds=(kind,))) for kind, label in _BASELINES.items()]
-        rows = [("Base", self.base), *sft, *baselines, *expo, ("ExMe", self.best_exme)]
+        strategies = [(label, best(self.candidates, gib, kinds=(kind,))) for kind, label in _STRATEGIES.items()]
+        rows = [("Base", self.base), *sft, *baselines, *expo, *strategies]
         if self.final is not None:
             rows.append((f"Chosen ({self.final.kind})", self.final))
         return [(label, c) for label, c in rows if c is not None]
@@ -168,10 +169,26 @@ class Report:
         if skipped:
             lines += ["", "Skipped candidates (never chosen):", ""]
             lines += [f"- {c.kind} {_hyper(c)} ({_coefficients(c)}): {c.error}" for c in skipped]
-        lines += self._kinship_lines()
+        lines += self._kinship_lines() + self._generation_lines()
         if self.saved:
             lines += ["", "Saved: " + ", ".join(f"{k} in `{v}`" for k, v in self.saved.items()) + "."]
         return "\n".join(lines) + "\n"
+
+    def _generation_lines(self) -> list[str]:
+        """Top-k greedy merging: each merge with its generation, parents, their kinship and its score."""
+        merges = [c for c in self.candidates if c.kind == "topk"]
+        if not merges:
+            return []
+        labels = {id(c): f"SFT-{i + 1}" for i, c in enumerate(c for c in self.candidates if c.kind == "sft")}
+        lines = ["", "Top-k greedy merging, by generation (merge #n is the n-th merge):", ""]
+        lines += ["| merge | generation | parents | kinship | selection |", "|---:|---:|---|---:|---:|"]
+        for n, c in enumerate(merges, start=1):
+            labels[id(c)] = f"#{n}"
+            parents = " + ".join(labels[id(self.candidates[i])] for i in c.parents)
+            explored = " (exploration)" if c.hyper.get("exploration") else ""
+            cells = [f"#{n}", f"{c.hyper['generation']:g}", parents + explored, _number(c.hyper["kinship"])]
+            lines.append("| " + " | ".join([*cells, _number(c.score)]) + " |")
+        return lines
 
     def _kinship_lines(self) -> list[str]:
         """Model kinship of the kept checkpoints and of each merged pair (Pearson, cosine, Euclidean distance of
@@ -328,6 +345,7 @@ class Report:
 
 
 _BASELINES = {"weighted": "Weighted", "ties": "TIES", "dare": "DARE"}
+_STRATEGIES = {"exme": "ExMe", "mixup": "M^3", "topk": "Top-k greedy"}  # each strategy's best candidate
 
 
 def _better(greater_is_better: bool) -> str:

@@ -8,6 +8,7 @@ import torch
 import yaml
 from conftest import RegressionConfig, RegressionModel, make_llama, make_texts
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
 
 from exme_callback import pipeline
 from exme_callback.arithmetic import DensePlane
@@ -256,8 +257,10 @@ def test_lora_ties_and_dare_baselines_against_a_dense_reference(tmp_path, tokeni
         ties_candidate = Candidate("ties", None, (10, 20), hyper={"density": 0.5})
         pipeline.apply(plane, ties_candidate)
         assert_close(logits(model, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
-        with pytest.raises(ValueError, match="merge off the span"):
-            plane.save(str(tmp_path / "ties"))
+        # Off the span is not low-rank: saved as the fused model, which computes what the live model does.
+        assert plane.save(str(tmp_path / "ties")) == {"model": str(tmp_path / "ties")}
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ties")
+        assert_close(logits(saved, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
 
         # A point of the span next: the base layers are restored first.
         pipeline.apply(plane, Candidate("exme", (c1, c2), (10, 20)))
@@ -302,3 +305,76 @@ def test_dare_candidate_is_the_same_model_after_a_resume(tmp_path):
         models.append(live)
     for name in base:
         assert torch.equal(models[0][name], models[1][name]), name
+
+
+# ---- the strategies through the pipeline -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"strategy": "mixup", "mixup_draws": 4, "seed": 1},
+        {"strategy": "mixup", "mixup_draws": 3, "dare": 0.5},
+        {"strategy": "topk_greedy"},
+        {"beta_search": "mixup", "mixup_draws": 3},
+    ],
+    ids=["mixup", "mixup-dare", "topk", "exme-mixup-betas"],
+)
+def test_every_strategy_restores_the_weights_and_saves_what_it_reports(tmp_path, options):
+    model = trained_model()
+    live = trainable_tensors(model)
+    plane = DensePlane(live, BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    checkpoints = [Checkpoint(10, closeness(*point(1, 0))), Checkpoint(20, closeness(*point(0, 1)))]
+    seen = []
+
+    def evaluator(model):
+        seen.append(closeness_weights(model))
+        return {"closeness": closeness(*seen[-1])}
+
+    settings = SearchSettings(alphas=ALPHAS, **options)
+    report = pipeline.run(
+        model,
+        plane,
+        checkpoints,
+        Scorer(evaluator, Objective({"closeness": True})),
+        str(tmp_path / "exme"),
+        settings=settings,
+        show_progress=False,
+    )
+    assert closeness_weights(model) == (float(TRAINED["a"]), float(TRAINED["b"]))  # restored
+    for candidate, weights in zip([c for c in report.candidates if c.kind != "sft"], seen):
+        assert candidate.score == pytest.approx(closeness(*weights))
+        if candidate.on_span:  # the closed form of its coefficients
+            assert weights == pytest.approx(point(*candidate.coefficients), abs=1e-6)
+    kinds = {c.kind for c in report.candidates} - {"sft"}
+    expected = {"mixup": {"mixup"}, "topk_greedy": {"topk"}}.get(settings.strategy, {"expo", "exme"})
+    assert kinds == expected
+    if settings.strategy == "mixup":
+        lambdas = [c.hyper["lambda"] for c in report.candidates if c.kind == "mixup"]
+        assert lambdas == list(pipeline.mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed))
+    if settings.beta_search == "mixup":
+        betas = [c.beta for c in report.candidates if c.kind == "exme"]
+        assert betas == list(pipeline.mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed))
+    final = report.final
+    assert final.score == max(c.score for c in report.candidates if c.valid)
+    saved = closeness_weights(RegressionModel.from_pretrained(tmp_path / "exme"))
+    assert closeness(*saved) == pytest.approx(final.score, abs=1e-6)
+
+
+def test_kinship_partner_skips_a_near_copy_of_the_best():
+    from exme_callback.kinship import dense_gram
+
+    base = {"w": torch.zeros(4)}
+    best = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    copy_of_best = {"w": torch.tensor([1.1, 2.0, 3.1, 4.0])}  # Pearson 0.99915 with the best
+    other = {"w": torch.tensor([4.0, 1.0, 3.0, 2.0])}  # Pearson 0.0 with the best
+    gram = dense_gram(base, [best, copy_of_best, other])
+    kept = [Checkpoint(30, 0.9), Checkpoint(20, 0.8), Checkpoint(10, 0.7)]
+    assert pipeline.search_order(kept, gram, SearchSettings(partner="next")) == [0, 1, 2]
+    assert pipeline.search_order(kept, gram, SearchSettings(partner="kinship", top_k=3)) == [0, 2, 1]
+    loose = SearchSettings(partner="kinship", kinship_threshold=0.9995)
+    assert pipeline.search_order(kept, gram, loose) == [0, 1, 2]  # the near-copy is below a 0.9995 threshold
+    strict = SearchSettings(partner="kinship", kinship_threshold=-0.5)
+    assert pipeline.search_order(kept, gram, strict) == [0, 1, 2]  # none below: the second best, with a warning
+    far = SearchSettings(partner="kinship", kinship_metric="euclidean", kinship_threshold=1.0)
+    assert pipeline.search_order(kept, gram, far) == [0, 2, 1]  # distance 0.14 to the near-copy, 4.5 to the other

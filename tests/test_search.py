@@ -201,3 +201,80 @@ def test_candidate_to_dict_and_from_dict_round_trip_with_flat_keys():
     three = Candidate("exme", (0.2, 0.3, 0.5), (40, 30, 20), score=0.1)
     assert (three.to_dict()["c3"], three.to_dict()["step3"]) == (0.5, 20)
     assert Candidate.from_dict(three.to_dict()) == three
+
+
+# ---- the other strategies: M^3 and Top-k greedy merging ----------------------------------------------------------
+
+from exme_callback.search import SearchSettings, mixup_draws, sweep_mixup, topk_greedy  # noqa: E402
+
+
+@pytest.mark.parametrize("a", [0.5, 2.0])
+def test_mixup_draws_are_seeded_and_follow_beta(a):
+    draws = mixup_draws(a, 20000, seed=3)
+    assert draws == mixup_draws(a, 20000, seed=3) and draws != mixup_draws(a, 20000, seed=4)
+    mean = sum(draws) / len(draws)
+    variance = sum((x - mean) ** 2 for x in draws) / len(draws)
+    assert mean == pytest.approx(0.5, abs=0.01)
+    assert variance == pytest.approx(1 / (4 * (2 * a + 1)), rel=0.05)  # Var of Beta(a, a)
+    # Beta(a, a)'s mass in the middle third, by a Riemann sum of its density
+    grid = [i / 10000 for i in range(1, 10000)]
+    density = [(x * (1 - x)) ** (a - 1) for x in grid]
+    middle = sum(d for x, d in zip(grid, density) if 1 / 3 <= x <= 2 / 3) / sum(density)
+    assert sum(1 / 3 <= x <= 2 / 3 for x in draws) / len(draws) == pytest.approx(middle, abs=0.01)
+
+
+def test_sweep_mixup_points_and_dare_candidates():
+    results = sweep_mixup(lambda c: c, checkpoints(), (0.3, 0.8))
+    assert [(c.kind, c.coefficients, c.hyper) for c in results] == [
+        ("mixup", (0.3, 0.7), {"lambda": 0.3}),
+        ("mixup", (0.8, pytest.approx(0.2)), {"lambda": 0.8}),
+    ]
+    sparse = sweep_mixup(lambda c: c, checkpoints(), (0.3,), density=0.5)
+    assert sparse[0].coefficients is None and sparse[0].hyper == {"lambda": 0.3, "density": 0.5}
+    assert sparse[0].steps == (40, 30)
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_topk_greedy_reaches_a_known_optimum_explores_and_stops():
+    target = (0.5, 0.0, 0.5)  # the midpoint of the first and third checkpoints
+
+    def score(candidate):
+        candidate.score = -sum((x - t) ** 2 for x, t in zip(candidate.coefficients, target))
+        return candidate
+
+    kept = [Checkpoint(10, -0.5), Checkpoint(20, -1.5), Checkpoint(30, -0.5)]
+    results = topk_greedy(score, kept, cosine, k=2, greater_is_better=True)
+    merges = results[3:]
+    # Generation 1 merges the two best (steps 10 and 30): the optimum.
+    assert merges[0].coefficients == target and merges[0].score == 0.0 and merges[0].parents == (0, 2)
+    assert merges[0].hyper["generation"] == 1 and merges[0].hyper["kinship"] == 0.0
+    # Generation 2 merges the two best again, gains nothing, explores with the least related (step 20), and stops.
+    assert [m.hyper["generation"] for m in merges[1:]] == [2, 2]
+    assert merges[1].parents == (3, 0) and "exploration" not in merges[1].hyper
+    assert merges[2].parents == (3, 1) and merges[2].hyper["exploration"] == 1
+    assert max(results, key=lambda c: c.score) is merges[0]
+    assert len(topk_greedy(score, kept, cosine, k=2, budget=1, greater_is_better=True)) == 4  # the budget
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"top_k": 1}, "`top_k` must be an integer >= 2"),
+        ({"kinship_threshold": 1.5}, r"`kinship_threshold` must be in \[-1.0, 1.0\]"),
+        ({"kinship_metric": "euclidean", "kinship_threshold": -1.0}, r"must be in \[0.0, inf\]"),
+        ({"mixup_a": 0.0}, "`mixup_a`"),
+        ({"mixup_draws": 0}, "`mixup_draws` must be an integer >= 1"),
+        ({"dare": 0.0}, r"`dare` \(the density kept\) must be in \(0, 1\]"),
+        ({"dare": 1.5}, "`dare`"),
+        ({"strategy": "evolve"}, "`strategy` must be one of"),
+        ({"partner": "random"}, "`partner` must be one of"),
+        ({"budget": 0}, "`budget` must be an integer >= 1"),
+    ],
+)
+def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SearchSettings(**kwargs)
