@@ -232,12 +232,16 @@ class Report:
         merges = sorted((c.beta, c.score) for c in self.candidates if c.kind == "exme" and c.valid)
         if merges:
             right.plot(*zip(*merges), marker="o", color="tab:green", label="ExMe")
+        mixups = sorted((c.hyper["lambda"], c.score) for c in self.candidates if c.kind == "mixup" and c.valid)
+        if mixups:
+            right.plot(*zip(*mixups), marker="s", linestyle="none", color="tab:purple", label="M^3 draws")
         for i, color in zip(range(len(self.checkpoints)), ("tab:blue", "tab:orange")):
             if f"EXPO-{i + 1}" in rows:
                 right.axhline(rows[f"EXPO-{i + 1}"].score, color=color, linestyle=":", label=f"EXPO-{i + 1}")
         if self.best_sft is not None:
             right.axhline(self.best_sft.score, color="gray", linestyle="--", label="best SFT")
-        right.set(xlabel="beta (weight of EXPO-1)", ylabel=ylabel, title="Merge (ExMe)")
+        xlabel = "lambda (weight of SFT-1)" if mixups and not merges else "beta (weight of EXPO-1)"
+        right.set(xlabel=xlabel, ylabel=ylabel, title="Merge (M^3)" if mixups and not merges else "Merge (ExMe)")
         right.legend()
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -585,3 +585,20 @@ def test_baselines_without_peft_fail_at_construction_with_the_install_command(mo
     with pytest.raises(ImportError, match=r"pip install 'exme-callback\[peft\]'"):
         ExMeCallback(evaluator=lambda model: {}, baselines=True)
     ExMeCallback(evaluator=lambda model: {}, baselines=False)  # nothing else needs PEFT
+
+
+def test_top_k_keeps_k_checkpoints_and_topk_greedy_merges_them(tmp_path, regression):
+    evaluator = RecordingEvaluator()
+    options = {"metrics": {"closeness": "max"}, "strategy": "topk_greedy", "top_k": 3}
+    trainer, callback = train(tmp_path, regression, options, evaluator)
+    report = callback.report
+    scores = [-float(((w - TARGET) ** 2).sum()) for w in evaluator.seen[1:5]]  # the four checkpoints
+    assert [c.score for c in report.checkpoints] == pytest.approx(sorted(scores, reverse=True)[:3])
+    assert [c.kind for c in report.candidates[:3]] == ["sft"] * 3
+    merges = [c for c in report.candidates if c.kind == "topk"]
+    assert merges and all(len(c.coefficients) == 3 and len(c.parents) == 2 for c in merges)
+    for merge in merges:  # each merge is the midpoint of its parents
+        a, b = (report.candidates[i].coefficients for i in merge.parents)
+        assert merge.coefficients == pytest.approx(tuple((x + y) / 2 for x, y in zip(a, b)))
+    assert report.final.score == max(c.score for c in report.candidates if c.valid)
+    assert "Top-k greedy merging, by generation" in (tmp_path / "exme" / "exme_report.md").read_text()
