@@ -303,10 +303,9 @@ class Report:
             "",
             "# ExMe merge" + (f" of `{base}`" if base else ""),
             "",
-            "This model was made by Extrapolation Merging ([ExMe](https://arxiv.org/abs/2503.04834)) of the "
-            f"checkpoints of one fine-tuning run, with exme-callback: the checkpoints were ranked by `{self.metric}` "
-            f"({steps}), each extrapolated away from the base model ([EXPO](https://arxiv.org/abs/2404.16792)) and "
-            f"the two merged; every candidate was evaluated and the best kept ({final.kind}, {_hyper(final)}).",
+            f"This model merges the checkpoints of one fine-tuning run, with exme-callback: they were ranked by "
+            f"`{self.metric}` ({steps}), {_METHODS[self.strategy]}; every candidate was evaluated and the best kept "
+            f"({final.kind}, {_hyper(final)}).",
             "",
             f"Weights: `base + {terms}`." if terms else "",
             "",
@@ -350,6 +349,14 @@ class Report:
 
 _BASELINES = {"weighted": "Weighted", "ties": "TIES", "dare": "DARE"}
 _STRATEGIES = {"exme": "ExMe", "mixup": "M^3", "topk": "Top-k greedy"}  # each strategy's best candidate
+_METHODS = {  # what each strategy did, for the model card
+    "exme": "each extrapolated away from the base model ([EXPO](https://arxiv.org/abs/2404.16792)) and the two "
+    "merged (Extrapolation Merging, [ExMe](https://arxiv.org/abs/2503.04834))",
+    "mixup": "and the two best merged with ratios drawn from Beta(a, a) (Mixup Model Merge, "
+    "[M^3](https://arxiv.org/abs/2502.15434))",
+    "topk_greedy": "and merged pairwise, generation after generation (Top-k greedy merging with model kinship, "
+    "[Hu et al. 2024](https://arxiv.org/abs/2410.12613))",
+}
 
 
 def _better(greater_is_better: bool) -> str:

@@ -239,6 +239,11 @@ class SearchSettings:
                 f"`kinship_threshold` must be in [{low}, {high}] for `kinship_metric={self.kinship_metric!r}`, got "
                 f"{self.kinship_threshold!r}"
             )
+        if self.partner == "kinship" and self.top_k < 3:
+            raise ValueError(
+                f"`partner='kinship'` picks SFT-2 among the kept checkpoints other than the best two: set `top_k` >= 3, "
+                f"got {self.top_k}"
+            )
         if _not_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
         if (self.baselines or self.dare is not None) and importlib.util.find_spec("peft") is None:

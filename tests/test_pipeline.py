@@ -372,9 +372,9 @@ def test_kinship_partner_skips_a_near_copy_of_the_best():
     kept = [Checkpoint(30, 0.9), Checkpoint(20, 0.8), Checkpoint(10, 0.7)]
     assert pipeline.search_order(kept, gram, SearchSettings(partner="next")) == [0, 1, 2]
     assert pipeline.search_order(kept, gram, SearchSettings(partner="kinship", top_k=3)) == [0, 2, 1]
-    loose = SearchSettings(partner="kinship", kinship_threshold=0.9995)
+    loose = SearchSettings(partner="kinship", top_k=3, kinship_threshold=0.9995)
     assert pipeline.search_order(kept, gram, loose) == [0, 1, 2]  # the near-copy is below a 0.9995 threshold
-    strict = SearchSettings(partner="kinship", kinship_threshold=-0.5)
+    strict = SearchSettings(partner="kinship", top_k=3, kinship_threshold=-0.5)
     assert pipeline.search_order(kept, gram, strict) == [0, 1, 2]  # none below: the second best, with a warning
-    far = SearchSettings(partner="kinship", kinship_metric="euclidean", kinship_threshold=1.0)
+    far = SearchSettings(partner="kinship", top_k=3, kinship_metric="euclidean", kinship_threshold=1.0)
     assert pipeline.search_order(kept, gram, far) == [0, 2, 1]  # distance 0.14 to the near-copy, 4.5 to the other

@@ -273,6 +273,7 @@ def test_topk_greedy_reaches_a_known_optimum_explores_and_stops():
         ({"strategy": "evolve"}, "`strategy` must be one of"),
         ({"partner": "random"}, "`partner` must be one of"),
         ({"budget": 0}, "`budget` must be an integer >= 1"),
+        ({"partner": "kinship"}, "set `top_k` >= 3"),
     ],
 )
 def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):
