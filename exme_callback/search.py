@@ -241,7 +241,7 @@ class SearchSettings:
             )
         if self.partner == "kinship" and self.top_k < 3:
             raise ValueError(
-                f"`partner='kinship'` picks SFT-2 among the kept checkpoints other than the best two: set `top_k` >= 3, "
+                "`partner='kinship'` picks SFT-2 among the kept checkpoints after the best two: set `top_k` >= 3, "
                 f"got {self.top_k}"
             )
         if _not_int(self.seed):
