@@ -241,8 +241,8 @@ class SearchSettings:
             )
         if self.partner == "kinship" and self.top_k < 3:
             raise ValueError(
-                "`partner='kinship'` picks SFT-2 among the kept checkpoints after the best two: set `top_k` >= 3, "
-                f"got {self.top_k}"
+                "`partner='kinship'` chooses SFT-2 among the kept checkpoints after the best, which needs a choice: "
+                f"set `top_k` >= 3, got {self.top_k}"
             )
         if _not_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
