@@ -257,3 +257,16 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert all(option in text for option in options)
     assert "--alphas ALPHAS [ALPHAS ...] extrapolation strengths (default: 0.1 0.2 0.3 0.4 0.5)" in text
     assert "(default: cpu)" in text and "(default: RUN_DIR/exme)" in text
+
+
+def test_exme_run_with_another_strategy(full_run, capsys, tmp_path):
+    root, run_dir, data = full_run
+    argv = ["run", str(run_dir), "--eval-data", str(data), "--strategy", "mixup", "--mixup-draws", "2"]
+    assert main(argv + ["--seed", "7", "--output-dir", str(tmp_path / "m3")]) == 0
+    report = json.loads((tmp_path / "m3" / "exme_report.json").read_text())
+    assert report["strategy"] == "mixup"
+    assert [c["kind"] for c in report["candidates"]] == ["sft", "sft", "mixup", "mixup"]
+    from exme_callback.search import mixup_draws
+
+    assert [c["hyper"]["lambda"] for c in report["candidates"][2:]] == list(mixup_draws(2.0, 2, seed=7))
+    assert "| M^3 |" in capsys.readouterr().out
