@@ -67,9 +67,9 @@ class Report:
         """One line saying what was chosen and what it gained over the best checkpoint, and the same as scalar logs
         under `exme/` keys (`exme/score`, `exme/c1`, ..., `exme/gain`, ...)."""
         reference, final = self.best_sft, self.final
-        coefficients = dict(zip((f"c{i + 1}" for i in range(len(final.coefficients))), final.coefficients))
+        coefficients = {f"c{i + 1}": c for i, c in enumerate(final.coefficients or ())}  # none off the span
         logs = {"exme/score": final.score, **{f"exme/{name}": c for name, c in coefficients.items()}}
-        terms = ", ".join(f"{name}={c:.4g}" for name, c in coefficients.items())
+        terms = ", ".join(f"{name}={c:.4g}" for name, c in coefficients.items()) or _hyper(final)
         message = f"ExMe: chose {final.kind} ({terms}), {self.metric}={final.score:.6g}"
         if reference is not None:
             logs["exme/best_sft_score"] = reference.score

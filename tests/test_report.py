@@ -113,3 +113,12 @@ def test_publish_dir_on_other_processes_touches_nothing(tmp_path):
     with publish_dir(str(tmp_path / "exme"), write=False):
         pass
     assert os.listdir(tmp_path) == []
+
+
+def test_summary_of_a_choice_off_the_span():
+    report = make_report()
+    report.final = Candidate("mixup", None, (40, 30), {"lambda": 0.3, "density": 0.7}, score=0.3)
+    message, logs = report.summary()
+    assert "chose mixup (lambda=0.3, density=0.7)" in message and logs["exme/score"] == 0.3
+    assert not any(key.startswith("exme/c") for key in logs)
+    assert report.mergekit_recipe() is None  # no task-arithmetic recipe for a sparsified merge
