@@ -21,11 +21,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from exme_callback.cli import main as exme
 
 SKILLS = ["arithmetic", "comparison", "alphabetical", "sequence"]
-STRATEGIES = {  # label -> `exme run` options
-    "ExMe (grid)": ["--strategy", "exme"],
-    "M^3 (9 draws, a=2)": ["--strategy", "mixup", "--mixup-draws", "9", "--mixup-a", "2"],
-    "M^3 + DARE (0.7)": ["--strategy", "mixup", "--mixup-draws", "9", "--mixup-a", "2", "--dare", "0.7"],
-    "Top-k greedy (k=4)": ["--strategy", "topk_greedy", "--top-k", "4"],
+STRATEGIES = {  # label -> (output folder, `exme run` options)
+    "ExMe (grid)": ("exme", ["--strategy", "exme"]),
+    "M^3 (9 draws, a=2)": ("mixup", ["--strategy", "mixup", "--mixup-draws", "9", "--mixup-a", "2"]),
+    "M^3 + DARE (0.7)": (
+        "mixup-dare",
+        ["--strategy", "mixup", "--mixup-draws", "9", "--mixup-a", "2", "--dare", "0.7"],
+    ),
+    "Top-k greedy (k=4)": ("topk", ["--strategy", "topk_greedy", "--top-k", "4"]),
 }
 
 
@@ -41,8 +44,8 @@ def main() -> None:
     common += ["--heldout-tasks", *SKILLS, "--heldout-include-path", os.path.join(tasks, "heldout")]
 
     rows = []
-    for label, options in STRATEGIES.items():
-        folder = os.path.join(output, label.split(" ")[0].replace("^", "").lower() + str(len(rows)))
+    for label, (name, options) in STRATEGIES.items():
+        folder = os.path.join(output, name)
         started = time.perf_counter()
         if exme([*common, *options, "--output-dir", folder]) != 0:
             raise SystemExit(f"`exme run` failed for {label}")
