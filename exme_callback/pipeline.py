@@ -379,12 +379,11 @@ def _search(score, checkpoints: Sequence[Checkpoint], gram: Gram, settings: Sear
             sweep_mixup(score, checkpoints, draws, density=settings.dare, results=results)
     else:
         metric = settings.kinship_metric
-        sign = -1.0 if metric == "euclidean" else 1.0  # relatedness: higher for closer relatives
 
-        def relatedness(a, b) -> float:
-            return sign * gram.kinship(a, b, metric)
+        def kinship(a, b) -> float:
+            return gram.kinship(a, b, metric)
 
-        topk_greedy(score, checkpoints, relatedness, settings.top_k, settings.budget, gib, results=results)
+        topk_greedy(score, checkpoints, kinship, settings.top_k, settings.budget, gib, results, metric == "euclidean")
     if settings.baselines:
         sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=results)
 

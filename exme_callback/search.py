@@ -496,11 +496,12 @@ def sweep_mixup(
 def topk_greedy(
     score: Callable[[Candidate], Candidate],
     checkpoints: Sequence[Checkpoint],
-    relatedness: Callable[[Sequence[float], Sequence[float]], float],
+    kinship: Callable[[Sequence[float], Sequence[float]], float],
     k: int = 2,
     budget: int | None = None,
     greater_is_better: bool = False,
     results: list[Candidate] | None = None,
+    distance: bool = False,
 ) -> list[Candidate]:
     """Top-k greedy merging with model kinship (Hu et al. 2024), on coefficient vectors.
 
@@ -508,7 +509,7 @@ def topk_greedy(
 
     1. merges every pair of the pool's `k` best models and scores the merges, which join the pool;
     2. when the best score did not improve, explores: merges the best model with its least related model of the
-       pool (lowest `relatedness`, that is kinship), and scores it;
+       pool (the lowest `kinship`, or the largest with `distance=True`), and scores it;
     3. stops after a generation whose merges (exploration included) did not improve the best score, when no new
        merge is left, or when `budget` evaluations are spent.
 
@@ -520,12 +521,12 @@ def topk_greedy(
     Args:
         score (`Callable[[Candidate], Candidate]`): evaluates a point (see `sweep`).
         checkpoints (`Sequence[Checkpoint]`): the kept checkpoints, best first.
-        relatedness (`Callable`): the kinship of two coefficient vectors, higher for closer relatives (for a
-            distance, its negative).
+        kinship (`Callable`): the kinship of two coefficient vectors (`kinship.Gram.kinship`).
         k (`int`, *optional*, defaults to 2): how many of the best models each generation merges pairwise.
         budget (`int`, *optional*): the most evaluations; unlimited when `None`.
         greater_is_better (`bool`): the direction of the score.
         results (`list[Candidate]`, *optional*): appended to as candidates are scored.
+        distance (`bool`, *optional*, defaults to `False`): whether `kinship` is a distance (Euclidean).
 
     Returns:
         `list[Candidate]`: the checkpoints, then the merges (`kind="topk"`, `hyper["generation"]`,
@@ -546,7 +547,7 @@ def topk_greedy(
         seen.add(c)
         evaluations += 1
         used = tuple(s if x != 0.0 else None for s, x in zip(steps, c))
-        hyper = {"generation": generation, "kinship": relatedness(a, b), **hyper}
+        hyper = {"generation": generation, "kinship": kinship(a, b), **hyper}
         results.append(score(Candidate("topk", c, used, hyper=hyper, parents=(i, j))))
         return results[-1]
 
@@ -554,13 +555,16 @@ def topk_greedy(
         generation += 1
         pool = [i for i in range(first, len(results)) if results[i].valid]
         leader = best((results[i] for i in pool), greater_is_better)
+        if leader is None:  # no model with a finite score to merge from
+            break
         top = sorted(pool, key=lambda i: -results[i].score if greater_is_better else results[i].score)[:k]
         merged = [merge(i, j) for a, i in enumerate(top) for j in top[a + 1 :]]
         new_best = best((results[i] for i in range(first, len(results))), greater_is_better)
         if new_best is leader:  # 2. no gain: explore with the least related model of the pool
             index = results.index(leader)
             others = [i for i in pool if i != index]
-            others.sort(key=lambda i: relatedness(leader.coefficients, results[i].coefficients))
+            sign = -1.0 if distance else 1.0  # least related first: the lowest similarity, the largest distance
+            others.sort(key=lambda i: sign * kinship(leader.coefficients, results[i].coefficients))
             explored = next((m for m in (merge(index, i, exploration=1) for i in others) if m is not None), None)
             merged.append(explored)
             new_best = best((results[i] for i in range(first, len(results))), greater_is_better)

@@ -279,3 +279,20 @@ def test_topk_greedy_reaches_a_known_optimum_explores_and_stops():
 def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SearchSettings(**kwargs)
+
+
+def test_topk_greedy_explores_with_the_farthest_model_for_a_distance():
+    target = (0.5, 0.0, 0.5)
+
+    def score(candidate):
+        candidate.score = -sum((x - t) ** 2 for x, t in zip(candidate.coefficients, target))
+        return candidate
+
+    def distance(a, b):
+        return math.dist(a, b)
+
+    kept = [Checkpoint(10, -0.5), Checkpoint(20, -1.5), Checkpoint(30, -0.5)]
+    results = topk_greedy(score, kept, distance, k=2, greater_is_better=True, distance=True)
+    explored = [c for c in results if c.hyper.get("exploration")]
+    assert [c.parents for c in explored] == [(3, 1)]  # the farthest from the best: step 20, at distance 1.22
+    assert explored[0].hyper["kinship"] == pytest.approx(math.dist((0.5, 0.0, 0.5), (0.0, 1.0, 0.0)))
