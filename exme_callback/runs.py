@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from .arithmetic import Plane
 from .search import Checkpoint, rank_checkpoints
-from .snapshots import STATE_DIR, STATE_FILE, SnapshotStore, _SafetensorsMapping, trainable_tensors
+from .snapshots import STATE_DIR, STATE_FILE, SafetensorsMapping, trainable_tensors
 
 __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resolve_metric"]
 
@@ -185,7 +185,7 @@ def base_of(folder: str) -> str | None:
     return None
 
 
-def _full_tensors(folder: str) -> _SafetensorsMapping:
+def _full_tensors(folder: str) -> SafetensorsMapping:
     """A checkpoint's tensors as a mapping that reads one tensor per access."""
     index_path = os.path.join(folder, SHARDED)
     if os.path.isfile(index_path):
@@ -196,13 +196,7 @@ def _full_tensors(folder: str) -> _SafetensorsMapping:
         path = os.path.join(folder, FULL)
         with safe_open(path, framework="pt", device="cpu") as f:
             index = dict.fromkeys(f.keys(), path)
-    return _SafetensorsMapping(index)
-
-
-def _shape(tensors: _SafetensorsMapping, name: str) -> tuple[int, ...]:
-    path = tensors._index[name]
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return tuple(f.get_slice(name).get_shape())
+    return SafetensorsMapping(index)
 
 
 @dataclass
@@ -306,9 +300,9 @@ def load_plane(
                         f"{folder} has no tensor `{name}` of the base model {base}: they are different "
                         "architectures (or the checkpoint is incomplete)."
                     )
-                if _shape(tensors, name) != tuple(tensor.shape):
+                if tensors.shape(name) != tuple(tensor.shape):
                     raise ValueError(
-                        f"{folder}: tensor `{name}` has shape {_shape(tensors, name)} but {tuple(tensor.shape)} in "
+                        f"{folder}: tensor `{name}` has shape {tensors.shape(name)} but {tuple(tensor.shape)} in "
                         f"the base model {base}: they are different architectures."
                     )
     check_model(model, save_merged=save_merged)
@@ -320,7 +314,7 @@ def _adapters(model, folders: list[str]):
     """The LoRA run's model (a fresh adapter of the checkpoints' configuration: the base has `B = 0`) and the
     trainable tensors of the base and of each checkpoint."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft.utils import load_peft_weights
 
     configs = [LoraConfig.from_pretrained(folder) for folder in folders]
     shape = ("r", "lora_alpha", "target_modules", "modules_to_save", "use_dora", "use_rslora", "bias")
@@ -339,18 +333,22 @@ def _adapters(model, folders: list[str]):
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         model = get_peft_model(model, configs[0])
-    base = SnapshotStore("cpu")
-    base.save("base", trainable_tensors(model))  # B = 0: the base model itself
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {n: t.detach().to("cpu", copy=True) for n, t in trainable_tensors(model).items()}
+
+    base = snapshot()  # a fresh adapter, B = 0: the base model itself
     checkpoints = []
     for folder in folders:
-        try:
-            result = set_peft_model_state_dict(model, load_file(os.path.join(folder, ADAPTER)))
+        try:  # PEFT reads the safetensors file (checked present) and maps its names to this model's
+            result = set_peft_model_state_dict(model, load_peft_weights(folder, device="cpu"))
         except RuntimeError as error:  # a size mismatch
             raise ValueError(f"{folder}: {str(error).splitlines()[0]}") from None
         if result.unexpected_keys:
             raise ValueError(f"{folder} has tensors the adapter does not: {result.unexpected_keys[:3]} ...")
-        checkpoints.append({n: t.detach().to("cpu", copy=True) for n, t in trainable_tensors(model).items()})
+        checkpoints.append(snapshot())
     with torch.no_grad():
-        for name, tensor in base.load("base").items():
-            dict(model.named_parameters())[name].copy_(tensor)
-    return model, base.load("base"), checkpoints
+        for name, parameter in model.named_parameters():
+            if name in base:
+                parameter.copy_(base[name])
+    return model, base, checkpoints

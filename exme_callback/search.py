@@ -225,9 +225,10 @@ class SearchSettings:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.baselines, bool):
             raise TypeError(f"`baselines` must be a bool, got {self.baselines!r}")
-        for name, low in (("top_k", 2), ("mixup_draws", 1), ("budget", 1)):
+        counts = {"top_k": 2, "mixup_draws": 1, **({"budget": 1} if self.budget is not None else {})}
+        for name, low in counts.items():  # `budget=None` means no limit
             value = getattr(self, name)
-            if (value is not None or name != "budget") and (_not_int(value) or value < low):
+            if _not_int(value) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
         if _not_real(self.mixup_a) or not self.mixup_a > 0:
             raise ValueError(f"`mixup_a` (the `a` of Beta(a, a)) must be a number > 0, got {self.mixup_a!r}")

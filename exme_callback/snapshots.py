@@ -74,7 +74,7 @@ class SnapshotStore:
         if key in self._memory:
             return self._memory[key]
         if key in self._files:
-            return _SafetensorsMapping(self._files[key])
+            return SafetensorsMapping(self._files[key])
         raise KeyError(f"No snapshot named {key!r}; kept: {self.keys()}")
 
     def delete(self, key: str) -> None:
@@ -130,7 +130,7 @@ class SnapshotStore:
         if self.storage == "disk":
             self._files[key] = index
             return
-        self.save(key, _SafetensorsMapping(index))
+        self.save(key, SafetensorsMapping(index))
         if self.directory is not None:
             self._exported[key] = index
 
@@ -229,18 +229,25 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copyfile(source, destination)
 
 
-class _SafetensorsMapping(Mapping[str, torch.Tensor]):
-    """Read-only mapping over safetensors shards that loads one tensor per access."""
+class SafetensorsMapping(Mapping[str, torch.Tensor]):
+    """Read-only mapping over safetensors shards (`{tensor name: file}`) that loads one tensor per access."""
 
     def __init__(self, index: dict[str, str]):
         self._index = index
         self._handles: dict[str, object] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        path = self._index[name]
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name`, read from the file's header without loading the tensor."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def _handle(self, name: str):
+        path = self._index[name]  # a KeyError names the missing tensor
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

@@ -121,6 +121,38 @@ def make_texts(n: int, seed: int) -> list[str]:
     return texts
 
 
+def perturbed(tensors, seed: int, scale: float = 0.2) -> dict:
+    """Random tensors of the same names and shapes: a checkpoint as if trained."""
+    generator = torch.Generator().manual_seed(seed)
+    return {n: t + scale * torch.randn(t.shape, generator=generator) for n, t in tensors.items()}
+
+
+def load(model, tensors) -> None:
+    """Copy `tensors` into the model's parameters of the same names."""
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+
+
+def dense_weights(model, tensors) -> dict:
+    """The plain model that a PEFT model with `tensors` loaded into its trained adapter ("default") is, through
+    PEFT's own merge of that adapter only (a plane may have added and activated its own)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    load(twin, tensors)
+    return {k: v.detach().clone() for k, v in twin.merge_and_unload(adapter_names=["default"]).state_dict().items()}
+
+
+def logits(model, tokenizer):
+    """The model's logits on four fixed texts, in eval mode."""
+    batch = tokenizer(make_texts(4, seed=3), return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 @pytest.fixture
 def regression():
     """A fresh regression model, its training and evaluation data."""

@@ -34,6 +34,21 @@ class RecordingEvaluator:
         return {"closeness": -float(((w - TARGET) ** 2).sum())}
 
 
+HELDOUT_TARGET = torch.tensor([1.0, 4.0], dtype=torch.float64)  # the (a, b) the held-out evaluator rewards
+
+
+class HeldoutRecorder:
+    """The held-out score `-|(a, b) - HELDOUT_TARGET|^2`, recording the weights it saw."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, model):
+        w = weights(model)
+        self.seen.append(w)
+        return {"heldout_closeness": -float(((w - HELDOUT_TARGET) ** 2).sum())}
+
+
 def train(tmp_path, regression, callback_kwargs=None, evaluator=None, callbacks=None, **args):
     model, train_data, eval_data = regression
     trainer = Trainer(
@@ -470,13 +485,8 @@ def test_frozen_tied_parameters_and_buffers_are_left_as_trained(tmp_path, regres
 def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
     from peft.utils import merge_utils
 
-    heldout_target = torch.tensor([1.0, 4.0], dtype=torch.float64)
-    heldout_seen = []
-
-    def heldout(model):
-        w = weights(model)
-        heldout_seen.append(w)
-        return {"heldout_closeness": -float(((w - heldout_target) ** 2).sum())}
+    heldout, heldout_target = HeldoutRecorder(), HELDOUT_TARGET
+    heldout_seen = heldout.seen
 
     evaluator = RecordingEvaluator()
     base = weights(regression[0])
@@ -548,13 +558,8 @@ def test_base_is_scored_once_with_eval_on_start(tmp_path, regression):
 
 
 def test_base_heldout_score_is_computed_once_with_eval_on_start(tmp_path, regression):
-    heldout_target = torch.tensor([1.0, 4.0], dtype=torch.float64)
-    heldout_seen = []
-
-    def heldout(model):
-        w = weights(model)
-        heldout_seen.append(w)
-        return {"heldout_closeness": -float(((w - heldout_target) ** 2).sum())}
+    heldout, heldout_target = HeldoutRecorder(), HELDOUT_TARGET
+    heldout_seen = heldout.seen
 
     base = weights(regression[0])
     _, callback = train(

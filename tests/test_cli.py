@@ -12,7 +12,13 @@ from conftest import make_llama, make_texts
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
+)
 
 from exme_callback import ExMeCallback, combine
 from exme_callback.cli import main
@@ -124,7 +130,9 @@ def test_exme_apply_equals_combine_bit_for_bit(tmp_path, tokenizer):
     assert written.keys() == expected.keys()
     for key in written:
         assert torch.equal(written[key], expected[key]), key
-    assert AutoModelForCausalLM.from_pretrained(out) is not None and (out / "tokenizer_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()  # a loadable folder, holding that model
+    assert all(torch.equal(reloaded[key], expected[key]) for key in expected)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(a).get_vocab()
 
 
 def test_exme_apply_lora_adapter_and_merged(tmp_path, tokenizer):

@@ -1,12 +1,11 @@
 """Model kinship from the Gram matrix against a direct float64 computation on flattened task vectors."""
 
-import copy
 import json
 import math
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import dense_weights, make_llama
 from torch.testing import assert_close
 
 from exme_callback import kinship
@@ -124,12 +123,7 @@ def test_lora_plane_gram_equals_peft_dense_deltas(config):
     checkpoints = [{n: t + 0.2 * torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(2)]
 
     def dense(tensors):  # the model with `tensors` in its adapter, merged by PEFT
-        twin = copy.deepcopy(model)
-        with torch.no_grad():
-            parameters = dict(twin.named_parameters())
-            for name, tensor in tensors.items():
-                parameters[name].copy_(tensor)
-        return {k: v.double() for k, v in twin.merge_and_unload().state_dict().items()}
+        return {k: v.double() for k, v in dense_weights(model, tensors).items()}
 
     w0, w1, w2 = dense(base), dense(checkpoints[0]), dense(checkpoints[1])
     changed = [k for k in w0 if not (torch.equal(w1[k], w0[k]) and torch.equal(w2[k], w0[k]))]

@@ -1,11 +1,10 @@
 """The LoRA plane: live logits equal a dense reference built independently with PEFT's `merge_and_unload`."""
 
-import copy
 import os
 
 import pytest
 import torch
-from conftest import make_llama, make_texts
+from conftest import dense_weights, load, logits, make_llama, perturbed
 from torch.testing import assert_close
 
 peft = pytest.importorskip("peft")
@@ -26,22 +25,7 @@ def lora_model(seed=0, **config):
 
 def checkpoint(model, seed):
     """Trainable tensors as if trained: every trainable tensor moved randomly."""
-    g = torch.Generator().manual_seed(seed)
-    return {n: t + 0.2 * torch.randn(t.shape, generator=g) for n, t in trainable_tensors(model).items()}
-
-
-def load(model, tensors):
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            dict(model.named_parameters())[name].copy_(tensor)
-
-
-def dense_weights(model, tensors):
-    """The plain model a PEFT model with `tensors` loaded into its trained adapter is, through PEFT's own merge
-    (of that adapter only: once the plane exists, the active adapter is `"exme"`)."""
-    twin = copy.deepcopy(model)
-    load(twin, tensors)
-    return twin.merge_and_unload(adapter_names=["default"]).state_dict()
+    return perturbed(trainable_tensors(model), seed)
 
 
 def dense_points(model, base, sft1, sft2):
@@ -61,13 +45,6 @@ def dense_reference(points, c1, c2):
         }
     )
     return reference.eval()
-
-
-def logits(model, tokenizer):
-    batch = tokenizer(make_texts(4, seed=3), return_tensors="pt")
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,11 @@
 """The pipeline: the plane of a model, a whole ExMe run on the regression model, failures, LoRA baselines."""
 
-import copy
 import json
 
 import pytest
 import torch
 import yaml
-from conftest import RegressionConfig, RegressionModel, make_llama, make_texts
+from conftest import RegressionConfig, RegressionModel, dense_weights, load, logits, make_llama, perturbed
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -17,19 +16,6 @@ from exme_callback.search import Candidate, Checkpoint, SearchSettings, exme_coe
 from exme_callback.snapshots import trainable_tensors
 
 TARGET = (2.5, 2.0)  # the (a, b) the closeness evaluator rewards
-
-
-def perturbed(tensors, seed, scale=0.2):
-    """Random tensors of the same names and shapes: a checkpoint as if trained."""
-    g = torch.Generator().manual_seed(seed)
-    return {n: t + scale * torch.randn(t.shape, generator=g) for n, t in tensors.items()}
-
-
-def load(model, tensors):
-    with torch.no_grad():
-        parameters = dict(model.named_parameters())
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
 
 
 # ---- make_plane on a plain model --------------------------------------------------------------------------------
@@ -209,25 +195,10 @@ def lora_model():
     return get_peft_model(make_llama(bias=True), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
 
-def dense_weights(model, tensors):
-    """The plain model a PEFT model with `tensors` loaded in its (active, trained) adapter is, by PEFT's merge.
-    Called before the plane adds its own adapter, so that `merge_and_unload` merges the trained one."""
-    twin = copy.deepcopy(model)
-    load(twin, tensors)
-    return {k: v.detach().clone() for k, v in twin.merge_and_unload().state_dict().items()}
-
-
 def plain_model(state_dict):
     reference = make_llama(bias=True)
     reference.load_state_dict(state_dict)
     return reference.eval()
-
-
-def logits(model, tokenizer):
-    batch = tokenizer(make_texts(4, seed=3), return_tensors="pt")
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def test_lora_ties_and_dare_baselines_against_a_dense_reference(tmp_path, tokenizer):
