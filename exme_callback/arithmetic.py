@@ -56,6 +56,10 @@ def span_tensor(
     is float64, and rounded once to the dtype of `out` (of `base`). A coefficient of exactly zero skips its term,
     and a checkpoint itself (one coefficient 1, the others 0) is copied, so it is reproduced bit for bit.
 
+    The wide sum runs over slices of the tensor through three slice-sized buffers that stay in the CPU's cache, so
+    a low-precision tensor costs no full-size float32 temporaries; the result is the same, bit for bit, as the sum
+    over the whole tensor at once.
+
     Args:
         base (`torch.Tensor`): the tensor of the base model.
         tensors (`Sequence[torch.Tensor]`): the same tensor in each kept checkpoint.
@@ -65,20 +69,58 @@ def span_tensor(
     Returns:
         `torch.Tensor`: `out`, or a new tensor of `base`'s dtype and device.
     """
-    target = base if out is None else out
-    dtypes = {base.dtype, target.dtype, *(t.dtype for t in tensors)}
-    wide = torch.float64 if torch.float64 in dtypes else torch.float32
-    terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
-    if len(terms) == 1 and terms[0][0] == 1.0:  # a checkpoint itself: exact, whatever the magnitudes
-        result = terms[0][1].to(device=target.device, dtype=wide)
-    else:
-        b = base.to(device=target.device, dtype=wide)  # may alias `base`: only read
-        result = b.clone()
-        for coefficient, tensor in terms:
-            result.add_(tensor.to(device=target.device, dtype=wide).sub(b), alpha=coefficient)
     if out is None:
-        return result.to(base.dtype)
-    return out.copy_(result)
+        out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    return _span_into(out, base, tensors, coefficients, {})
+
+
+_CHUNK = {"cpu": 1 << 19, None: 1 << 24}  # elements per slice: in cache on a CPU, few kernel launches elsewhere
+
+
+def _span_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    workspaces: dict,
+) -> torch.Tensor:
+    """`span_tensor` into `out`, with slice-sized buffers from `workspaces` (one per wide dtype and device, reused
+    across the tensors of a model)."""
+    terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
+    if not terms or (len(terms) == 1 and terms[0][0] == 1.0):  # the base or a checkpoint itself: a copy
+        return out.copy_(terms[0][1] if terms else base)
+    if out.numel() == 0:
+        return out
+    if not out.is_contiguous():
+        return out.copy_(_span_into(out.contiguous(), base, tensors, coefficients, workspaces))
+    wide = torch.float64 if torch.float64 in {base.dtype, out.dtype, *(t.dtype for t in tensors)} else torch.float32
+    flat, device = out.view(-1), out.device
+    inputs = [base.reshape(-1), *(t.reshape(-1) for _, t in terms)]
+    aliased = out.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in inputs}
+    direct = out.dtype == wide and not aliased  # the sum goes straight into `out`: no final conversion
+    size = min(flat.numel(), _CHUNK.get(device.type, _CHUNK[None]))
+    workspace = workspaces.get((wide, device))
+    if workspace is None or workspace.shape[1] < size:
+        workspace = workspaces[wide, device] = torch.empty(3, size, dtype=wide, device=device)
+    for start in range(0, flat.numel(), size):
+        stop = min(start + size, flat.numel())
+        b, difference, total = (row[: stop - start] for row in workspace)
+        piece = inputs[0][start:stop]
+        if piece.dtype == wide and piece.device == device:
+            b = piece
+        else:
+            b.copy_(piece, non_blocking=True)
+        if direct:
+            total = flat[start:stop]
+        for index, (coefficient, _) in enumerate(terms, start=1):
+            torch.sub(inputs[index][start:stop].to(device, non_blocking=True), b, out=difference)
+            if index == 1:
+                torch.add(b, difference, alpha=coefficient, out=total)
+            else:
+                total.add_(difference, alpha=coefficient)
+        if not direct:
+            flat[start:stop].copy_(total)
+    return out
 
 
 def combine_tensor(
@@ -130,6 +172,7 @@ def span_point(
         )
     labels = ["sft1", "sft2"] if len(checkpoints) == 2 else [f"checkpoints[{i}]" for i in range(len(checkpoints))]
     result: dict[str, torch.Tensor] = {}
+    workspaces: dict = {}  # slice-sized buffers shared by the tensors
     for name, b in base.items():
         tensors = [_lookup(c, label, name) for c, label in zip(checkpoints, labels)]
         target = _lookup(out, "out", name) if out is not None else None
@@ -141,7 +184,9 @@ def span_point(
         if not b.is_floating_point():
             result[name] = tensors[0].clone() if target is None else target.copy_(tensors[0])
         else:
-            result[name] = span_tensor(b, tensors, coefficients, out=target)
+            if target is None:
+                target = torch.empty_like(b, memory_format=torch.contiguous_format)
+            result[name] = _span_into(target, b, tensors, coefficients, workspaces)
     return result
 
 

@@ -245,13 +245,16 @@ class ExMeCallback(TrainerCallback):
                     "and nothing was written. Evaluate during training (`eval_strategy='steps'` and `eval_steps`)."
                 )
                 return
-            store = self._store
-            store.save("trained", trainable_tensors(model))
+            store, kept = self._store, [f"step-{c.step}" for c in self._kept]
+            trained = store.find(trainable_tensors(model), kept)  # training ended on a kept checkpoint: no copy
+            if trained is None:
+                trained = "trained"
+                store.save(trained, trainable_tensors(model))
             plane = pipeline.make_plane(
                 model,
                 store.load("base"),
-                [store.load(f"step-{c.step}") for c in self._kept],
-                store.load("trained"),
+                [store.load(key) for key in kept],
+                store.load(trained),
                 save_model=None if self.trainer is None else self.trainer.save_model,
                 save_merged=self.save_merged,
             )

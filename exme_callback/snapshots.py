@@ -2,8 +2,9 @@
 into each Trainer checkpoint so that a resumed run ends like an uninterrupted one.
 
 Only trainable tensors are kept (what fine-tuning changes), each in its own dtype, so the kept state is exact and
-costs what the trainable parameters cost, once per snapshot. `storage="disk"` writes safetensors shards and reads
-them back tensor by tensor, so a sweep never holds a whole snapshot in memory.
+costs what the trainable parameters cost, once per snapshot. From a GPU, `storage="cpu"` copies into pinned memory
+without blocking, so training does not wait for a snapshot. `storage="disk"` writes safetensors shards and reads them
+back tensor by tensor, so a sweep never holds a whole snapshot in memory.
 
 The run state of a checkpoint folder is `exme/exme_state.json` (scores and which snapshots it names, JSON) beside
 the snapshots as safetensors files: nothing is pickled.
@@ -54,6 +55,7 @@ class SnapshotStore:
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         self._files: dict[str, dict[str, str]] = {}  # key -> tensor name -> shard path
         self._exported: dict[str, dict[str, str]] = {}  # files written for `export` of in-memory snapshots
+        self._pending: dict[str, torch.cuda.Event] = {}  # in-memory snapshots whose copies may still be running
 
     def __contains__(self, key: str) -> bool:
         return key in self._memory or key in self._files
@@ -65,19 +67,35 @@ class SnapshotStore:
         """Copy `tensors` under `key` (replacing an earlier snapshot of that key)."""
         self.delete(key)
         if self.storage == "cpu":
-            self._memory[key] = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+            self._memory[key] = {name: _host_copy(t.detach()) for name, t in tensors.items()}
+            if any(t.is_cuda for t in tensors.values()):  # the copies run on the device's stream: done when this is
+                self._pending[key] = torch.cuda.Event()
+                self._pending[key].record()
         else:
             self._files[key] = self._write(key, tensors)
 
     def load(self, key: str) -> Mapping[str, torch.Tensor]:
         """The snapshot `key`: a `dict` for `"cpu"`, a mapping that reads each tensor on access for `"disk"`."""
+        self._wait(key)
         if key in self._memory:
             return self._memory[key]
         if key in self._files:
             return SafetensorsMapping(self._files[key])
         raise KeyError(f"No snapshot named {key!r}; kept: {self.keys()}")
 
+    def find(self, tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
+        """The first of `keys` whose snapshot equals `tensors` bit for bit, or `None` (a mismatch stops at the first
+        tensor that differs, so this is cheap when nothing matches)."""
+        for key in keys:
+            snapshot = self.load(key)
+            if snapshot.keys() == tensors.keys() and all(
+                torch.equal(snapshot[name], tensor.to(snapshot[name].device)) for name, tensor in tensors.items()
+            ):
+                return key
+        return None
+
     def delete(self, key: str) -> None:
+        self._wait(key)
         self._memory.pop(key, None)
         for path in {*self._files.pop(key, {}).values(), *self._exported.pop(key, {}).values()}:
             os.remove(path)
@@ -93,6 +111,7 @@ class SnapshotStore:
         The files are written once, to the store's own directory, then hard-linked (copied where links are not
         possible), so exporting the same snapshot into many checkpoint folders costs its bytes once.
         """
+        self._wait(key)
         if key in self._memory and key not in self._exported:
             if self.directory is None:
                 raise ValueError("Exporting a snapshot needs the store's `directory`.")
@@ -139,6 +158,12 @@ class SnapshotStore:
             self.delete(key)
         if self.directory is not None and os.path.isdir(self.directory) and not os.listdir(self.directory):
             shutil.rmtree(self.directory)
+
+    def _wait(self, key: str) -> None:
+        """Wait for the copies of snapshot `key` from a CUDA device to finish (nothing to wait for elsewhere)."""
+        event = self._pending.pop(key, None)
+        if event is not None:
+            event.synchronize()
 
     def _write(self, key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
         os.makedirs(self.directory, exist_ok=True)
@@ -218,6 +243,15 @@ def load_resume_state(
             "Resume with the same `metrics` / `metric_for_best_model`."
         )
     return info
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `tensor`. From a CUDA device, into pinned memory with a non-blocking copy: training goes on
+    while it runs (the optimizer's next update of `tensor` is queued after it on the same stream)."""
+    if not tensor.is_cuda:
+        return tensor.to("cpu", copy=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _link_or_copy(source: str, destination: str) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from exme_callback import combine, extrapolate, interpolate
+from exme_callback import arithmetic, combine, extrapolate, interpolate
 from exme_callback.arithmetic import combine_tensor
 
 
@@ -167,3 +167,37 @@ def test_combine_property_against_float64(shape, dtype, out_dtype, c1, c2, seed)
     bound = torch.finfo(target).eps * reference.abs() + 4 * torch.finfo(wide).eps * magnitude
     bound += torch.finfo(target).tiny
     assert torch.all((result.double() - reference).abs() <= bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tensors_larger_than_a_slice_equal_the_whole_tensor_sum(dtype, monkeypatch):
+    """The sum runs slice by slice (here 1000 elements); the result is the same float32 sum over the whole tensor at
+    once, rounded once."""
+    monkeypatch.setitem(arithmetic._CHUNK, "cpu", 1000)
+    g = torch.Generator().manual_seed(0)
+    base, sft1, sft2 = ({"w": torch.randn(37, 101, generator=g).to(dtype)} for _ in range(3))
+    c1, c2 = 0.3 * 1.2, 0.7 * 1.4
+    b, t1, t2 = base["w"].float(), sft1["w"].float(), sft2["w"].float()
+    expected = b.clone().add_(t1 - b, alpha=c1).add_(t2 - b, alpha=c2).to(dtype)
+    out = {"w": torch.empty(37, 101, dtype=dtype)}
+    for result in (combine(base, sft1, sft2, c1, c2)["w"], combine(base, sft1, sft2, c1, c2, out=out)["w"]):
+        assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("alias", ["base", "sft1"])
+def test_out_may_be_an_input(alias):
+    base, sft1, sft2 = states()
+    expected = reference(base, sft1, sft2, 0.6, 0.55)
+    inputs = {"base": base, "sft1": sft1}
+    result = combine(base, sft1, sft2, 0.6, 0.55, out=inputs[alias])
+    for name in base:
+        assert result[name] is inputs[alias][name]
+        assert_close(result[name].double(), expected[name], rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_out_is_written():
+    base, sft1, sft2 = ({"w": t["w"].T.contiguous()} for t in states())
+    out = {"w": torch.empty(4, 3).T}
+    assert not out["w"].is_contiguous()
+    combine(base, sft1, sft2, 0.6, 0.55, out=out)
+    assert_close(out["w"].double(), reference(base, sft1, sft2, 0.6, 0.55)["w"], rtol=1e-6, atol=1e-6)

@@ -13,7 +13,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from exme_callback import ExMeCallback, exme_coefficients
 from exme_callback.search import DEFAULT_ALPHAS, DEFAULT_BETAS
-from exme_callback.snapshots import trainable_tensors
+from exme_callback.snapshots import SnapshotStore, trainable_tensors
 
 TARGET = torch.tensor([2.5, 2.0], dtype=torch.float64)  # the (a, b) the recording evaluator rewards
 
@@ -607,3 +607,31 @@ def test_top_k_keeps_k_checkpoints_and_topk_greedy_merges_them(tmp_path, regress
         assert merge.coefficients == pytest.approx(tuple((x + y) / 2 for x, y in zip(a, b)))
     assert report.final.score == max(c.score for c in report.candidates if c.valid)
     assert "Top-k greedy merging, by generation" in (tmp_path / "exme" / "exme_report.md").read_text()
+
+
+class LastStepScoresWorst(RecordingEvaluator):
+    """`RecordingEvaluator`, except that the evaluation at the last step (the fifth call) scores worst."""
+
+    def __call__(self, model):
+        metrics = super().__call__(model)
+        return {"closeness": -1e9} if len(self.seen) == 5 else metrics
+
+
+@pytest.mark.parametrize("evaluator, copied", [(RecordingEvaluator, False), (LastStepScoresWorst, True)])
+def test_trained_weights_are_copied_only_when_no_kept_checkpoint_holds_them(
+    tmp_path, regression, monkeypatch, evaluator, copied
+):
+    saved, save = [], SnapshotStore.save
+
+    def recording_save(self, key, tensors):
+        saved.append(key)
+        save(self, key, tensors)
+
+    monkeypatch.setattr(SnapshotStore, "save", recording_save)
+    recorder = TrainedWeights()
+    trainer, callback = train(tmp_path, regression, {"metrics": {"closeness": "max"}}, evaluator(), [recorder])
+    assert trainer.state.global_step == 32
+    assert any(c.step == 32 for c in callback._kept) is not copied
+    assert ("trained" in saved) is copied
+    assert (callback.report.final.c1, callback.report.final.c2) != (1.0, 0.0)
+    assert torch.equal(weights(trainer.model), recorder.weights)

@@ -154,3 +154,17 @@ def test_load_resume_state_refuses_a_different_metric(tmp_path):
         load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 8, None, "eval_accuracy")
     with pytest.raises(FileNotFoundError, match="checkpoint-16 has no ExMe state"):
         load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 16, None, "eval_loss")
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_find_names_the_snapshot_equal_to_the_tensors(tmp_path, storage):
+    store = SnapshotStore(storage, tmp_path / "snapshots")
+    first, second = tensors(), tensors()
+    store.save("first", first)
+    store.save("second", second)
+    assert store.find(second, ["first", "second"]) == "second"
+    assert store.find(first, ["second"]) is None
+    changed = {**second, "b": second["b"].clone()}
+    changed["b"][0] += 1e-12  # one element differs
+    assert store.find(changed, ["first", "second"]) is None
+    assert store.find({"w": second["w"]}, ["second"]) is None  # other names
