@@ -44,7 +44,7 @@ __all__ = ["METRICS", "Gram", "LoraModule", "dense_gram", "lora_gram"]
 
 METRICS = ("pearson", "cosine", "euclidean")  # the kinship paper's three metrics
 _WIDE = torch.float64
-_CHUNK = 1 << 22  # entries of a tensor processed at once: k * 32 MiB of float64
+_CHUNK = 1 << 18  # entries of a tensor processed at once: k * 2 MiB of float64
 
 
 @dataclass(frozen=True)

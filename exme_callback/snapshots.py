@@ -264,27 +264,50 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 class SafetensorsMapping(Mapping[str, torch.Tensor]):
-    """Read-only mapping over safetensors shards (`{tensor name: file}`) that loads one tensor per access."""
+    """Read-only mapping over safetensors shards (`{tensor name: file}`) that loads one tensor per access.
+
+    Each access reads the tensor's bytes with one positioned read into a new tensor. The files are not memory-mapped
+    (as `safetensors.safe_open` does), so a sweep that reads every tensor of a snapshot on disk for every candidate
+    keeps one tensor resident, not the whole mapped file: the pages stay in the kernel's cache, not in the process.
+    """
 
     def __init__(self, index: dict[str, str]):
         self._index = index
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}  # path -> (offset of the data, header)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        path = self._index[name]  # a KeyError names the missing tensor
+        start, header = self._header(path)
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            if f.readinto(data.numpy()) != end - begin:
+                raise OSError(f"{path} ends inside tensor `{name}`: the file is truncated.")
+        return data.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name`, read from the file's header without loading the tensor."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._header(self._index[name])[1][name]["shape"])
 
-    def _handle(self, name: str):
-        path = self._index[name]  # a KeyError names the missing tensor
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        return self._handles[path]
+    def _header(self, path: str) -> tuple[int, dict]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (8 + size, json.loads(f.read(size)))
+        return self._headers[path]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+_DTYPES = {  # safetensors' dtype names
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip

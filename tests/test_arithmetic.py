@@ -201,3 +201,24 @@ def test_non_contiguous_out_is_written():
     assert not out["w"].is_contiguous()
     combine(base, sft1, sft2, 0.6, 0.55, out=out)
     assert_close(out["w"].double(), reference(base, sft1, sft2, 0.6, 0.55)["w"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_equals_the_float64_value_rounded_once_but_at_exact_ties(dtype):
+    """Low-precision values times decimal coefficients often sum exactly to a tie of two neighbours, or to zero
+    (0.6 * 85 * 2**-14 is 51 * 2**-14): there float32's coefficient (0.6000000238) decides. Everywhere else the
+    result is the float64 value rounded once."""
+    g = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.randn(1 << 20, generator=g)).to(dtype)
+    sft1, sft2 = (base + (0.01 * torch.randn(1 << 20, generator=g)).to(dtype) for _ in range(2))
+    c1, c2 = 0.6, 0.55
+    result = combine({"w": base}, {"w": sft1}, {"w": sft2}, c1, c2)["w"]
+    b, t1, t2 = base.double(), sft1.double(), sft2.double()
+    exact = b + c1 * (t1 - b) + c2 * (t2 - b)
+    expected = exact.to(dtype)
+    differ = result != expected
+    assert 0 < differ.float().mean() < 0.01
+    # Where they differ, the float64 value lies on the boundary between the two, to float32's error on the terms.
+    magnitude = (b.abs() + c1 * (t1 - b).abs() + c2 * (t2 - b).abs())[differ]
+    boundary = (result[differ].double() + expected[differ].double()) / 2
+    assert torch.all((exact[differ] - boundary).abs() <= 4 * torch.finfo(torch.float32).eps * magnitude)

@@ -168,3 +168,32 @@ def test_find_names_the_snapshot_equal_to_the_tensors(tmp_path, storage):
     changed["b"][0] += 1e-12  # one element differs
     assert store.find(changed, ["first", "second"]) is None
     assert store.find({"w": second["w"]}, ["second"]) is None  # other names
+
+
+def test_safetensors_mapping_reads_what_safetensors_wrote_without_mapping_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from exme_callback.snapshots import SafetensorsMapping
+
+    g = torch.Generator().manual_seed(0)
+    written = {
+        "bf16": torch.randn(7, 5, generator=g).bfloat16(),
+        "f16": torch.randn(3, generator=g).half(),
+        "f64": torch.randn(2, 2, 2, generator=g).double(),
+        "i64": torch.arange(5),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = str(tmp_path / "shard.safetensors")
+    save_file(written, path)
+    mapping = SafetensorsMapping(dict.fromkeys(written, path))
+    read = {name: mapping[name] for name in written}
+    with open("/proc/self/maps") as f:
+        assert path not in f.read()
+    reference = load_file(path)
+    for name in written:
+        assert read[name].dtype == reference[name].dtype and torch.equal(read[name], reference[name])
+        assert mapping.shape(name) == tuple(reference[name].shape)
+    with pytest.raises(KeyError, match="missing"):
+        mapping["missing"]

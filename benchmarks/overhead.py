@@ -1,0 +1,117 @@
+"""What the callback costs a training run, its sweep excluded: the same `Trainer` run with and without it.
+
+A SmolLM2-135M-sized Llama built from its config (float32, random weights, no download) learns a counting pattern
+(each token follows the previous one), so every evaluation improves and every checkpoint enters the kept set: the
+most snapshot copies a run can make. The time from `on_train_begin` to `on_train_end` is taken by a callback that
+runs before `ExMeCallback` in both hooks, so it counts the base snapshot and the checkpoints' copies and stops
+before the sweep. Runs alternate with and without the callback; the table gives the medians.
+
+    python benchmarks/overhead.py               # 3 runs of each, about 8 minutes on 2 CPU cores
+    python benchmarks/overhead.py --runs 5 --steps 40
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from exme_callback import ExMeCallback
+from exme_callback.snapshots import SnapshotStore
+
+SEQUENCE = 64
+SAVED: list[str] = []  # the keys of the snapshots the callback took
+
+
+def counted(save):
+    def counted_save(self, key, tensors):
+        SAVED.append(key)
+        save(self, key, tensors)
+
+    return counted_save
+
+
+class Clock(TrainerCallback):
+    """Seconds from the start of training to its end, before the callbacks after it see `on_train_end`."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+def counting(n: int, vocab: int, seed: int) -> Dataset:
+    starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
+    ids = ((starts + torch.arange(SEQUENCE)) % vocab).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def run(with_exme: bool, steps: int, eval_steps: int) -> float:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True,
+    )  # fmt: skip
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(
+            output_dir=folder, max_steps=steps, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+            learning_rate=1e-3, eval_strategy="steps", eval_steps=eval_steps, save_strategy="no", report_to=[],
+            logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        )  # fmt: skip
+        trainer = Trainer(
+            model=LlamaForCausalLM(config),
+            args=args,
+            train_dataset=counting(4 * steps, config.vocab_size, 0),
+            eval_dataset=counting(8, config.vocab_size, 1),
+            callbacks=[clock],
+        )
+        if with_exme:
+            trainer.add_callback(ExMeCallback(trainer, alphas=[0.1], betas=[0.5]))  # a small sweep, not timed
+        trainer.train()
+    return clock.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs with and without the callback (default 3)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
+    parser.add_argument("--eval-steps", type=int, default=5, help="steps between evaluations (default 5)")
+    args = parser.parse_args()
+
+    SnapshotStore.save = counted(SnapshotStore.save)
+    seconds = {True: [], False: []}
+    snapshots: list[int] = []
+    for _ in range(args.runs):
+        for with_exme in (False, True):
+            seconds[with_exme].append(run(with_exme, args.steps, args.eval_steps))
+            if with_exme:
+                snapshots.append(sum(key != "trained" for key in SAVED))  # "trained": in the sweep, after the clock
+            SAVED.clear()
+
+    without, with_ = statistics.median(seconds[False]), statistics.median(seconds[True])
+    evaluations = args.steps // args.eval_steps
+    print(f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(f"SmolLM2-135M-sized Llama, float32, {args.steps} steps of 4 x {SEQUENCE} tokens, an evaluation every ")
+    print(f"{args.eval_steps} steps; median of {args.runs} runs each, alternating\n")
+    print("| training (sweep excluded) | seconds | overhead | evaluations | snapshot copies |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| without the callback | {without:.1f} | - | {evaluations} | - |")
+    print(
+        f"| with `ExMeCallback` | {with_:.1f} | {100 * (with_ / without - 1):+.1f}% | {evaluations} "
+        f"| {statistics.median(snapshots):.0f} (base + each checkpoint that entered the kept set) |"
+    )
+    rounded = {key: [round(s, 1) for s in values] for key, values in seconds.items()}
+    print(f"\nall runs, seconds: without {rounded[False]}, with {rounded[True]}")
+
+
+if __name__ == "__main__":
+    main()
