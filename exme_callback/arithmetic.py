@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .kinship import Gram, dense_gram
+from .kinship import Flat, Gram, dense_gram, flat
 
 __all__ = [
     "DensePlane",
@@ -71,7 +71,7 @@ def span_tensor(
     """
     if out is None:
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
-    return _span_into(out, base, tensors, coefficients, {})
+    return _span_into(out, Flat.of(base), [Flat.of(t) for t in tensors], coefficients, {})
 
 
 _CHUNK = {"cpu": 1 << 19, None: 1 << 24}  # elements per slice: in cache on a CPU, few kernel launches elsewhere
@@ -79,47 +79,47 @@ _CHUNK = {"cpu": 1 << 19, None: 1 << 24}  # elements per slice: in cache on a CP
 
 def _span_into(
     out: torch.Tensor,
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
+    base: Flat,
+    tensors: Sequence[Flat],
     coefficients: Sequence[float],
     workspaces: dict,
 ) -> torch.Tensor:
-    """`span_tensor` into `out`, with slice-sized buffers from `workspaces` (one per wide dtype and device, reused
-    across the tensors of a model)."""
+    """`span_tensor` into `out`, reading the inputs slice by slice (from memory or from files: `kinship.Flat`), with
+    slice-sized buffers from `workspaces` (one per wide dtype and device, reused across the tensors of a model)."""
     terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
+    numel = out.numel()
     if not terms or (len(terms) == 1 and terms[0][0] == 1.0):  # the base or a checkpoint itself: a copy
-        return out.copy_(terms[0][1] if terms else base)
-    if out.numel() == 0:
+        return out.copy_((terms[0][1] if terms else base).read(0, numel).reshape(out.shape))
+    if numel == 0:
         return out
     if not out.is_contiguous():
         return out.copy_(_span_into(out.contiguous(), base, tensors, coefficients, workspaces))
     wide = torch.float64 if torch.float64 in {base.dtype, out.dtype, *(t.dtype for t in tensors)} else torch.float32
-    flat, device = out.view(-1), out.device
-    inputs = [base.reshape(-1), *(t.reshape(-1) for _, t in terms)]
-    aliased = out.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in inputs}
+    flat_out, device = out.view(-1), out.device
+    aliased = out.untyped_storage().data_ptr() in {base.storage, *(t.storage for _, t in terms)}
     direct = out.dtype == wide and not aliased  # the sum goes straight into `out`: no final conversion
-    size = min(flat.numel(), _CHUNK.get(device.type, _CHUNK[None]))
+    size = min(numel, _CHUNK.get(device.type, _CHUNK[None]))
     workspace = workspaces.get((wide, device))
     if workspace is None or workspace.shape[1] < size:
         workspace = workspaces[wide, device] = torch.empty(3, size, dtype=wide, device=device)
-    for start in range(0, flat.numel(), size):
-        stop = min(start + size, flat.numel())
+    for start in range(0, numel, size):
+        stop = min(start + size, numel)
         b, difference, total = (row[: stop - start] for row in workspace)
-        piece = inputs[0][start:stop]
+        piece = base.read(start, stop)
         if piece.dtype == wide and piece.device == device:
             b = piece
         else:
             b.copy_(piece, non_blocking=True)
         if direct:
-            total = flat[start:stop]
-        for index, (coefficient, _) in enumerate(terms, start=1):
-            torch.sub(inputs[index][start:stop].to(device, non_blocking=True), b, out=difference)
-            if index == 1:
+            total = flat_out[start:stop]
+        for index, (coefficient, tensor) in enumerate(terms):
+            torch.sub(tensor.read(start, stop).to(device, non_blocking=True), b, out=difference)
+            if index == 0:
                 torch.add(b, difference, alpha=coefficient, out=total)
             else:
                 total.add_(difference, alpha=coefficient)
         if not direct:
-            flat[start:stop].copy_(total)
+            flat_out[start:stop].copy_(total)
     return out
 
 
@@ -173,19 +173,20 @@ def span_point(
     labels = ["sft1", "sft2"] if len(checkpoints) == 2 else [f"checkpoints[{i}]" for i in range(len(checkpoints))]
     result: dict[str, torch.Tensor] = {}
     workspaces: dict = {}  # slice-sized buffers shared by the tensors
-    for name, b in base.items():
-        tensors = [_lookup(c, label, name) for c, label in zip(checkpoints, labels)]
-        target = _lookup(out, "out", name) if out is not None else None
+    for name in base:
+        b = flat(base, name)
+        tensors = [_flat(c, label, name) for c, label in zip(checkpoints, labels)]
+        target = None if out is None else _lookup(out, "out", name)
         for label, tensor in (*zip(labels, tensors), ("out", target)):
             if tensor is not None and tensor.shape != b.shape:
                 raise ValueError(
                     f"Tensor `{name}` has shape {tuple(tensor.shape)} in `{label}` but {tuple(b.shape)} in `base`."
                 )
-        if not b.is_floating_point():
-            result[name] = tensors[0].clone() if target is None else target.copy_(tensors[0])
+        if target is None:
+            target = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        if not b.dtype.is_floating_point:
+            result[name] = target.copy_(tensors[0].read(0, target.numel()).reshape(b.shape))
         else:
-            if target is None:
-                target = torch.empty_like(b, memory_format=torch.contiguous_format)
             result[name] = _span_into(target, b, tensors, coefficients, workspaces)
     return result
 
@@ -288,13 +289,20 @@ def merge_task_vectors(
         target.copy_(b + merge(deltas))
 
 
-def _lookup(tensors: StateDict | None, label: str, name: str) -> torch.Tensor:
+def _lookup(tensors: StateDict, label: str, name: str) -> torch.Tensor:
     try:
         return tensors[name]
     except KeyError:
         raise KeyError(
             f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names."
         ) from None
+
+
+def _flat(tensors: StateDict, label: str, name: str) -> Flat:
+    """`tensors[name]`, read slice by slice (a snapshot on disk is not loaded: `kinship.flat`)."""
+    if name not in tensors:
+        _lookup(tensors, label, name)  # raises the KeyError
+    return flat(tensors, name)
 
 
 Point = Sequence[float] | TaskVectorMerge

@@ -35,8 +35,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,38 @@ __all__ = ["METRICS", "Gram", "LoraModule", "dense_gram", "lora_gram"]
 METRICS = ("pearson", "cosine", "euclidean")  # the kinship paper's three metrics
 _WIDE = torch.float64
 _CHUNK = 1 << 18  # entries of a tensor processed at once: k * 2 MiB of float64
+
+
+class Flat(NamedTuple):
+    """One tensor, flattened, read slice by slice: `read(start, stop)` gives its elements `[start, stop)`;
+    `storage` is the address of the memory it lives in (`None` for a file)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    read: Callable[[int, int], torch.Tensor]
+    storage: int | None
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Flat:
+        """A tensor in memory, sliced where it lies."""
+        whole = tensor.reshape(-1)
+        read = lambda start, stop: whole[start:stop]  # noqa: E731
+        return cls(tensor.shape, tensor.dtype, tensor.device, read, tensor.untyped_storage().data_ptr())
+
+
+def flat(tensors: Mapping[str, torch.Tensor], name: str) -> Flat:
+    """Tensor `name` of `tensors` as a `Flat`. A mapping with `read(name, start, stop)`, `shape(name)` and
+    `dtype(name)` (snapshots on disk: `snapshots.SafetensorsMapping`) is read from its file one slice at a time, so
+    a pass over it holds one slice, not the tensor; any other mapping's tensor is sliced in memory.
+
+    Raises:
+        `KeyError`: `name` is not in `tensors`.
+    """
+    if not hasattr(tensors, "read"):
+        return Flat.of(tensors[name])
+    read = lambda start, stop: tensors.read(name, start, stop)  # noqa: E731
+    return Flat(torch.Size(tensors.shape(name)), tensors.dtype(name), torch.device("cpu"), read, None)
 
 
 @dataclass(frozen=True)
@@ -122,27 +155,29 @@ def dense_gram(base: Mapping[str, torch.Tensor], checkpoints: Sequence[Mapping[s
     """
     k = len(checkpoints)
     inner, sums, numel = torch.zeros(k, k, dtype=_WIDE), torch.zeros(k, dtype=_WIDE), 0
-    for name, b in base.items():
-        if not b.is_floating_point():
+    for name in base:
+        b = flat(base, name)
+        if not b.dtype.is_floating_point:
             continue
         tensors = []
         for i, checkpoint in enumerate(checkpoints):
             if name not in checkpoint:
                 raise KeyError(f"Tensor `{name}` is missing from checkpoint {i}; kinship needs the same tensor names.")
-            tensor = checkpoint[name]
+            tensor = flat(checkpoint, name)
             if tensor.shape != b.shape:
                 raise ValueError(
                     f"Tensor `{name}` has shape {tuple(tensor.shape)} in checkpoint {i} but {tuple(b.shape)} in the "
                     "base; kinship needs the same shapes."
                 )
-            tensors.append(tensor.flatten())
-        flat = b.flatten()
-        for start in range(0, flat.numel(), _CHUNK):  # bounded float64 temporaries, whatever the tensor's size
-            b_chunk = flat[start : start + _CHUNK].to(device="cpu", dtype=_WIDE)
-            deltas = torch.stack([t[start : start + _CHUNK].to(device="cpu", dtype=_WIDE) - b_chunk for t in tensors])
+            tensors.append(tensor)
+        size = b.shape.numel()
+        for start in range(0, size, _CHUNK):  # bounded float64 temporaries, whatever the tensor's size
+            stop = min(start + _CHUNK, size)
+            b_chunk = b.read(start, stop).to(device="cpu", dtype=_WIDE)
+            deltas = torch.stack([t.read(start, stop).to(device="cpu", dtype=_WIDE) - b_chunk for t in tensors])
             inner += deltas @ deltas.T
             sums += deltas.sum(dim=1)
-        numel += b.numel()
+        numel += size
     return Gram(inner, sums, numel)
 
 

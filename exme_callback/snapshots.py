@@ -264,11 +264,12 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 class SafetensorsMapping(Mapping[str, torch.Tensor]):
-    """Read-only mapping over safetensors shards (`{tensor name: file}`) that loads one tensor per access.
+    """Read-only mapping over safetensors shards (`{tensor name: file}`) that loads one tensor per access, or one
+    slice of it (`read`): the span and kinship passes read snapshots on disk slice by slice (`kinship.flat`).
 
-    Each access reads the tensor's bytes with one positioned read into a new tensor. The files are not memory-mapped
-    (as `safetensors.safe_open` does), so a sweep that reads every tensor of a snapshot on disk for every candidate
-    keeps one tensor resident, not the whole mapped file: the pages stay in the kernel's cache, not in the process.
+    Reads go into new tensors with one positioned read each. The files are not memory-mapped (as
+    `safetensors.safe_open` does), so a sweep that reads every snapshot on disk for every candidate keeps one slice
+    resident, not the mapped files: their pages stay in the kernel's cache, not in the process.
     """
 
     def __init__(self, index: dict[str, str]):
@@ -276,20 +277,31 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
         self._headers: dict[str, tuple[int, dict]] = {}  # path -> (offset of the data, header)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name).reshape(self.shape(name))
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements `[start, stop)` of tensor `name` flattened (all of them by default), read from its file."""
         path = self._index[name]  # a KeyError names the missing tensor
-        start, header = self._header(path)
+        offset, header = self._header(path)
         entry = header[name]
+        dtype = _DTYPES[entry["dtype"]]
+        size = dtype.itemsize
         begin, end = entry["data_offsets"]
-        data = torch.empty(end - begin, dtype=torch.uint8)
+        stop = (end - begin) // size if stop is None else stop
+        data = torch.empty((stop - start) * size, dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
-            f.seek(start + begin)
-            if f.readinto(data.numpy()) != end - begin:
+            f.seek(offset + begin + start * size)
+            if f.readinto(data.numpy()) != data.numel():
                 raise OSError(f"{path} ends inside tensor `{name}`: the file is truncated.")
-        return data.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return data.view(dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name`, read from the file's header without loading the tensor."""
         return tuple(self._header(self._index[name])[1][name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of tensor `name`, read from the file's header."""
+        return _DTYPES[self._header(self._index[name])[1][name]["dtype"]]
 
     def _header(self, path: str) -> tuple[int, dict]:
         if path not in self._headers:
@@ -297,6 +309,9 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
                 size = int.from_bytes(f.read(8), "little")
                 self._headers[path] = (8 + size, json.loads(f.read(size)))
         return self._headers[path]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index  # without reading the tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

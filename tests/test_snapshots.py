@@ -197,3 +197,53 @@ def test_safetensors_mapping_reads_what_safetensors_wrote_without_mapping_the_fi
         assert mapping.shape(name) == tuple(reference[name].shape)
     with pytest.raises(KeyError, match="missing"):
         mapping["missing"]
+
+
+def test_safetensors_mapping_reads_slices_and_membership_without_loading(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from exme_callback.snapshots import SafetensorsMapping
+
+    weight = torch.arange(24, dtype=torch.float32).reshape(4, 6).bfloat16()
+    path = str(tmp_path / "shard.safetensors")
+    save_file({"w": weight, "v": torch.ones(2)}, path)
+    mapping = SafetensorsMapping({"w": path, "v": path})
+    assert torch.equal(mapping.read("w", 5, 11), weight.reshape(-1)[5:11])
+    assert mapping.dtype("w") == torch.bfloat16 and mapping.shape("w") == (4, 6)
+    monkeypatch.setattr(SafetensorsMapping, "read", lambda *args: pytest.fail("read a tensor"))
+    assert "w" in mapping and "missing" not in mapping
+
+
+def test_span_and_gram_read_disk_snapshots_slice_by_slice(tmp_path, monkeypatch):
+    """A pass over snapshots on disk equals the pass in memory, and never reads more than one slice at once."""
+    from exme_callback import arithmetic, kinship
+    from exme_callback.arithmetic import span_point
+    from exme_callback.kinship import dense_gram
+    from exme_callback.snapshots import SafetensorsMapping
+
+    monkeypatch.setitem(arithmetic._CHUNK, "cpu", 100)
+    monkeypatch.setattr(kinship, "_CHUNK", 64)
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(30, 20, generator=g).bfloat16(), "steps": torch.arange(3) + i} for i in range(3)]
+    memory, disk = SnapshotStore("cpu"), SnapshotStore("disk", tmp_path / "snapshots")
+    for i, state in enumerate(states):
+        memory.save(str(i), state)
+        disk.save(str(i), state)
+    reads = []
+    read = SafetensorsMapping.read
+
+    def recorded(self, name, start=0, stop=None):
+        tensor = read(self, name, start, stop)
+        reads.append((name, tensor.numel()))
+        return tensor
+
+    monkeypatch.setattr(SafetensorsMapping, "read", recorded)
+    on_disk = span_point(disk.load("0"), [disk.load("1"), disk.load("2")], (0.6, 0.55))
+    in_memory = span_point(memory.load("0"), [memory.load("1"), memory.load("2")], (0.6, 0.55))
+    for name in in_memory:
+        assert torch.equal(on_disk[name], in_memory[name])
+    assert torch.equal(on_disk["steps"], states[1]["steps"])
+    gram_disk = dense_gram(disk.load("0"), [disk.load("1"), disk.load("2")])
+    gram_memory = dense_gram(memory.load("0"), [memory.load("1"), memory.load("2")])
+    torch.testing.assert_close(gram_disk.inner, gram_memory.inner, rtol=0, atol=0)
+    assert max(n for name, n in reads if name == "w") == 100 and len(reads) > 3 * 600 // 100
