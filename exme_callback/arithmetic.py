@@ -150,7 +150,7 @@ def span_point(
 
     Floating-point tensors are computed in float32 (float64 when an input is float64) and rounded once to their
     own dtype. Non-floating tensors (integer or boolean buffers) are copied from the first checkpoint, never
-    blended.
+    blended. Inputs are read slice by slice (`kinship.flat`): snapshots on disk are never loaded whole.
 
     Args:
         base (`Mapping[str, torch.Tensor]`): the base model's tensors; its names are the names combined.
@@ -290,19 +290,20 @@ def merge_task_vectors(
 
 
 def _lookup(tensors: StateDict, label: str, name: str) -> torch.Tensor:
-    try:
-        return tensors[name]
-    except KeyError:
-        raise KeyError(
-            f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names."
-        ) from None
+    if name not in tensors:
+        raise _missing(label, name)
+    return tensors[name]
 
 
 def _flat(tensors: StateDict, label: str, name: str) -> Flat:
     """`tensors[name]`, read slice by slice (a snapshot on disk is not loaded: `kinship.flat`)."""
     if name not in tensors:
-        _lookup(tensors, label, name)  # raises the KeyError
+        raise _missing(label, name)
     return flat(tensors, name)
+
+
+def _missing(label: str, name: str) -> KeyError:
+    return KeyError(f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names.")
 
 
 Point = Sequence[float] | TaskVectorMerge
