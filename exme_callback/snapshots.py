@@ -4,7 +4,7 @@ into each Trainer checkpoint so that a resumed run ends like an uninterrupted on
 Only trainable tensors are kept (what fine-tuning changes), each in its own dtype, so the kept state is exact and
 costs what the trainable parameters cost, once per snapshot. From a GPU, `storage="cpu"` copies into pinned memory
 without blocking, so training does not wait for a snapshot. `storage="disk"` writes safetensors shards and reads them
-back tensor by tensor, so a sweep never holds a whole snapshot in memory.
+back slice by slice, so a sweep never holds a whole snapshot, or a whole tensor of one, in memory.
 
 The run state of a checkpoint folder is `exme/exme_state.json` (scores and which snapshots it names, JSON) beside
 the snapshots as safetensors files: nothing is pickled.
