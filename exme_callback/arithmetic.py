@@ -88,17 +88,18 @@ def _span_into(
     slice-sized buffers from `workspaces` (one per wide dtype and device, reused across the tensors of a model)."""
     terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
     numel = out.numel()
-    if not terms or (len(terms) == 1 and terms[0][0] == 1.0):  # the base or a checkpoint itself: a copy
-        return out.copy_((terms[0][1] if terms else base).read(0, numel).reshape(out.shape))
-    if numel == 0:
-        return out
     if not out.is_contiguous():
         return out.copy_(_span_into(out.contiguous(), base, tensors, coefficients, workspaces))
-    wide = torch.float64 if torch.float64 in {base.dtype, out.dtype, *(t.dtype for t in tensors)} else torch.float32
     flat_out, device = out.view(-1), out.device
+    size = max(1, min(numel, _CHUNK.get(device.type, _CHUNK[None])))
+    if not terms or (len(terms) == 1 and terms[0][0] == 1.0):  # the base or a checkpoint itself: a copy
+        source = terms[0][1] if terms else base
+        for start in range(0, numel, size):
+            flat_out[start : start + size].copy_(source.read(start, min(start + size, numel)))
+        return out
+    wide = torch.float64 if torch.float64 in {base.dtype, out.dtype, *(t.dtype for t in tensors)} else torch.float32
     aliased = out.untyped_storage().data_ptr() in {base.storage, *(t.storage for _, t in terms)}
     direct = out.dtype == wide and not aliased  # the sum goes straight into `out`: no final conversion
-    size = min(numel, _CHUNK.get(device.type, _CHUNK[None]))
     workspace = workspaces.get((wide, device))
     if workspace is None or workspace.shape[1] < size:
         workspace = workspaces[wide, device] = torch.empty(3, size, dtype=wide, device=device)
@@ -373,9 +374,8 @@ class DensePlane:
         return {"model": folder}
 
     def close(self, keep: bool = False) -> None:
-        if not keep:
-            for name, tensor in self.trained.items():
-                self.live[name].copy_(tensor)
+        if not keep:  # the trained weights themselves: copied exactly, slice by slice
+            span_point(self.trained, [self.trained], (1.0,), out=self.live)
 
     def gram(self) -> Gram:
         """The Gram matrix of the task vectors, in one pass over the kept tensors."""

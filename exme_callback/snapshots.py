@@ -26,6 +26,7 @@ __all__ = ["SnapshotStore", "load_resume_state", "load_state", "save_state", "tr
 STORAGES = ("cpu", "disk")
 STATE_DIR, STATE_FILE = "exme", "exme_state.json"  # the run state inside each checkpoint folder
 _SHARD_BYTES = 1 << 30  # bounds the CPU memory a disk snapshot needs while it is written
+_SLICE = 1 << 19  # elements compared at once in `find` for snapshots on disk
 ORDER = "exme.order"  # safetensors metadata: the tensor names in their model order (seeded DARE masks follow it)
 
 
@@ -88,9 +89,7 @@ class SnapshotStore:
         tensor that differs, so this is cheap when nothing matches)."""
         for key in keys:
             snapshot = self.load(key)
-            if snapshot.keys() == tensors.keys() and all(
-                torch.equal(snapshot[name], tensor.to(snapshot[name].device)) for name, tensor in tensors.items()
-            ):
+            if snapshot.keys() == tensors.keys() and all(_equal(snapshot, n, t) for n, t in tensors.items()):
                 return key
         return None
 
@@ -243,6 +242,20 @@ def load_resume_state(
             "Resume with the same `metrics` / `metric_for_best_model`."
         )
     return info
+
+
+def _equal(snapshot: Mapping[str, torch.Tensor], name: str, tensor: torch.Tensor) -> bool:
+    """Whether `snapshot[name]` equals `tensor` bit for bit; a snapshot on disk is compared slice by slice."""
+    if not isinstance(snapshot, SafetensorsMapping):
+        return torch.equal(snapshot[name], tensor.to(snapshot[name].device))
+    if snapshot.dtype(name) != tensor.dtype or snapshot.shape(name) != tuple(tensor.shape):
+        return False
+    flat = tensor.reshape(-1)
+    return all(
+        torch.equal(snapshot.read(name, start, start + len(piece)), piece.cpu())
+        for start in range(0, flat.numel(), _SLICE)
+        for piece in [flat[start : start + _SLICE]]
+    )
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:

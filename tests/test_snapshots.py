@@ -215,14 +215,16 @@ def test_safetensors_mapping_reads_slices_and_membership_without_loading(tmp_pat
 
 
 def test_span_and_gram_read_disk_snapshots_slice_by_slice(tmp_path, monkeypatch):
-    """A pass over snapshots on disk equals the pass in memory, and never reads more than one slice at once."""
-    from exme_callback import arithmetic, kinship
+    """Passes over snapshots on disk (a span point, a copy, a comparison, the Gram) equal the passes in memory and
+    never read more than one slice at once."""
+    from exme_callback import arithmetic, kinship, snapshots
     from exme_callback.arithmetic import span_point
     from exme_callback.kinship import dense_gram
     from exme_callback.snapshots import SafetensorsMapping
 
     monkeypatch.setitem(arithmetic._CHUNK, "cpu", 100)
     monkeypatch.setattr(kinship, "_CHUNK", 64)
+    monkeypatch.setattr(snapshots, "_SLICE", 100)
     g = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(30, 20, generator=g).bfloat16(), "steps": torch.arange(3) + i} for i in range(3)]
     memory, disk = SnapshotStore("cpu"), SnapshotStore("disk", tmp_path / "snapshots")
@@ -243,6 +245,9 @@ def test_span_and_gram_read_disk_snapshots_slice_by_slice(tmp_path, monkeypatch)
     for name in in_memory:
         assert torch.equal(on_disk[name], in_memory[name])
     assert torch.equal(on_disk["steps"], states[1]["steps"])
+    copied = span_point(disk.load("0"), [disk.load("1"), disk.load("2")], (1.0, 0.0))  # a checkpoint itself
+    assert torch.equal(copied["w"], states[1]["w"])
+    assert disk.find(states[2], ["0", "1", "2"]) == "2"
     gram_disk = dense_gram(disk.load("0"), [disk.load("1"), disk.load("2")])
     gram_memory = dense_gram(memory.load("0"), [memory.load("1"), memory.load("2")])
     torch.testing.assert_close(gram_disk.inner, gram_memory.inner, rtol=0, atol=0)
