@@ -22,31 +22,25 @@ def weights(model) -> torch.Tensor:
     return torch.stack([model.a.detach(), model.b.detach()]).double()
 
 
-class RecordingEvaluator:
-    """Scores `-|(a, b) - TARGET|^2` (a closed form of the weights) and records the weights it saw."""
-
-    def __init__(self):
-        self.seen: list[torch.Tensor] = []
-
-    def __call__(self, model):
-        w = weights(model)
-        self.seen.append(w)
-        return {"closeness": -float(((w - TARGET) ** 2).sum())}
-
-
 HELDOUT_TARGET = torch.tensor([1.0, 4.0], dtype=torch.float64)  # the (a, b) the held-out evaluator rewards
 
 
-class HeldoutRecorder:
-    """The held-out score `-|(a, b) - HELDOUT_TARGET|^2`, recording the weights it saw."""
+class RecordingEvaluator:
+    """Scores `-|(a, b) - target|^2` (a closed form of the weights) as `metric` and records the weights it saw."""
 
-    def __init__(self):
+    def __init__(self, target: torch.Tensor = TARGET, metric: str = "closeness"):
+        self.target, self.metric = target, metric
         self.seen: list[torch.Tensor] = []
 
     def __call__(self, model):
         w = weights(model)
         self.seen.append(w)
-        return {"heldout_closeness": -float(((w - HELDOUT_TARGET) ** 2).sum())}
+        return {self.metric: -float(((w - self.target) ** 2).sum())}
+
+
+def heldout_recorder() -> RecordingEvaluator:
+    """The held-out evaluator: `-|(a, b) - HELDOUT_TARGET|^2` as `heldout_closeness`."""
+    return RecordingEvaluator(HELDOUT_TARGET, "heldout_closeness")
 
 
 def train(tmp_path, regression, callback_kwargs=None, evaluator=None, callbacks=None, **args):
@@ -485,7 +479,7 @@ def test_frozen_tied_parameters_and_buffers_are_left_as_trained(tmp_path, regres
 def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
     from peft.utils import merge_utils
 
-    heldout, heldout_target = HeldoutRecorder(), HELDOUT_TARGET
+    heldout, heldout_target = heldout_recorder(), HELDOUT_TARGET
     heldout_seen = heldout.seen
 
     evaluator = RecordingEvaluator()
@@ -558,7 +552,7 @@ def test_base_is_scored_once_with_eval_on_start(tmp_path, regression):
 
 
 def test_base_heldout_score_is_computed_once_with_eval_on_start(tmp_path, regression):
-    heldout, heldout_target = HeldoutRecorder(), HELDOUT_TARGET
+    heldout, heldout_target = heldout_recorder(), HELDOUT_TARGET
     heldout_seen = heldout.seen
 
     base = weights(regression[0])
