@@ -7,6 +7,7 @@ the kept checkpoints to the pipeline (`pipeline.run`), which sweeps, chooses and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import pipeline
+from . import pipeline, sharding
 from .evaluators import Evaluator, LMEvalEvaluator, Objective, Scorer, TrainerEvaluator
 from .report import Report
 from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, SearchSettings, rank_checkpoints
@@ -163,6 +164,7 @@ class ExMeCallback(TrainerCallback):
         self._kept: list[Checkpoint] = []  # the best checkpoints so far, best first (at most `top_k`)
         self._base: Candidate | None = None  # the base model's evaluation, when `evaluate_base`
         self._training = False  # only evaluations between train begin and end score checkpoints
+        self._shards = 1  # the ranks the kept tensors are sharded over (FSDP2), from on_train_begin
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
@@ -172,7 +174,7 @@ class ExMeCallback(TrainerCallback):
             raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
         uses_trainer = isinstance(self.evaluator, TrainerEvaluator)
         pipeline.check_trainer_run(args, self.trainer, needs_eval_dataset=uses_trainer)
-        pipeline.check_model(model, save_merged=self.save_merged)
+        pipeline.check_model(model, save_merged=self.save_merged, settings=self.settings)
         if state.is_world_process_zero:
             pipeline.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
         tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
@@ -188,7 +190,12 @@ class ExMeCallback(TrainerCallback):
                 getattr(self.report_evaluator, "directions", None) or self.objective.metrics
             )
             self._heldout = Scorer(self.report_evaluator, self.heldout_objective, "report_evaluator", self.trainer)
-        self._store = SnapshotStore(self.storage, os.path.join(args.output_dir, "exme-snapshots"))
+        # Under FSDP2 each rank keeps its own shards; every rank of a multi-process run writes its own folder.
+        self._shards = sharding.world() if sharding.is_sharded(model) else 1
+        snapshots = os.path.join(args.output_dir, "exme-snapshots")
+        if sharding.world() > 1:
+            snapshots = os.path.join(snapshots, f"rank-{sharding.rank():05d}")
+        self._store = SnapshotStore(self.storage, snapshots)
         self._kept, self._base, self.report = [], None, None
         if state.global_step > 0:  # resumed: the base and the kept checkpoints come from the checkpoint folder
             self._load_state(args, state)
@@ -225,14 +232,16 @@ class ExMeCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         """Write the callback's state into the new checkpoint, so a resumed run ends with the same result."""
         folder = self._folder(args, state.global_step)
-        if self._training and state.is_world_process_zero and os.path.isdir(folder):
+        if not self._training or not (state.is_world_process_zero or self._shards > 1):
+            return  # under FSDP2 every rank writes its shards; else the main process writes for all
+        if os.path.isdir(folder) or self._shards > 1:
             info = {
                 "metric": self.objective.name,
                 "kept": [asdict(c) for c in self._kept],
                 "base": None if self._base is None else self._base.to_dict(),
                 "base_model": pipeline.sources_of(kwargs["model"], [])["base_model"],  # read by `exme run`
             }
-            save_state(self._store, folder, info, ["base", *(f"step-{c.step}" for c in self._kept)])
+            save_state(self._store, folder, info, ["base", *(f"step-{c.step}" for c in self._kept)], self._shards)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not self._training:
@@ -246,7 +255,8 @@ class ExMeCallback(TrainerCallback):
                 )
                 return
             store, kept = self._store, [f"step-{c.step}" for c in self._kept]
-            trained = store.find(trainable_tensors(model), kept)  # training ended on a kept checkpoint: no copy
+            # Training ended on a kept checkpoint (on every rank's shards): no copy.
+            trained = sharding.agree(store.find(trainable_tensors(model), kept))
             if trained is None:
                 trained = "trained"
                 store.save(trained, trainable_tensors(model))
@@ -276,6 +286,9 @@ class ExMeCallback(TrainerCallback):
             )
         finally:
             self._store.clear()
+            if sharding.world() > 1:  # the ranks' folders' parent, once every rank's folder is gone
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self._store.directory))
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -294,7 +307,12 @@ class ExMeCallback(TrainerCallback):
     def _load_state(self, args, state) -> None:
         """Take the kept state back from the checkpoint training resumes from."""
         saved = load_resume_state(
-            self._store, args.output_dir, state.global_step, args.resume_from_checkpoint, self.objective.name
+            self._store,
+            args.output_dir,
+            state.global_step,
+            args.resume_from_checkpoint,
+            self.objective.name,
+            self._shards,
         )
         self._kept = [Checkpoint(**c) for c in saved["kept"]]
         self._base = None if saved["base"] is None else Candidate.from_dict(saved["base"])

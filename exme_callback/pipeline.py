@@ -20,10 +20,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
+from . import sharding
 from .arithmetic import DensePlane, Plane, Point, StateDict
 from .evaluators import Scorer, preserved_rng
 from .kinship import METRICS, Gram
@@ -87,21 +89,31 @@ def check_trainer_run(args, trainer=None, needs_eval_dataset: bool = False) -> N
             "ExMeCallback scores candidates with the trainer's evaluation, but the trainer has no `eval_dataset`. "
             "Pass `eval_dataset=` to the trainer, or `evaluator=` to the callback."
         )
-    supported = "Supported: one process, or DDP (`torchrun`/`accelerate launch` without FSDP or DeepSpeed)."
-    if getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+    fsdp = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    if fsdp is not None and getattr(fsdp, "fsdp_version", 2) == 1:
         raise NotImplementedError(
-            f"ExMeCallback does not support FSDP yet (its kept tensors would be shards). {supported}"
+            "ExMeCallback does not support FSDP1: its flat parameters hide the tensors ExMe keeps. Use FSDP2: "
+            "`fsdp_version: 2` in the accelerate config, or `fsdp_config={'version': 2}` in the training arguments."
         )
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
         raise NotImplementedError(
-            f"ExMeCallback does not support DeepSpeed yet (ZeRO partitions the weights it blends). {supported}"
+            "ExMeCallback does not support DeepSpeed yet (ZeRO partitions the weights it blends). Supported: one "
+            "process, DDP, or FSDP2 (`fsdp_version: 2`)."
         )
 
 
-def check_model(model: torch.nn.Module, save_merged: bool = False) -> None:
+def check_model(model: torch.nn.Module, save_merged: bool = False, settings: SearchSettings | None = None) -> None:
     """Refuse, before any work, a model whose candidates cannot be built: unsupported PEFT set-ups, quantized
-    weights outside a LoRA adapter, no trainable parameters."""
+    weights outside a LoRA adapter, no trainable parameters, FSDP1, and under FSDP2 the merges that are not
+    elementwise (`settings`' TIES and DARE baselines, DARE-sparsified M^3)."""
+    sharding.check_model(model)
     peft = is_peft_model(model)
+    if sharding.is_sharded(model) and settings is not None and (settings.baselines or settings.dare is not None):
+        raise NotImplementedError(
+            "Under FSDP2 each rank blends only its shards, but TIES trims and DARE drops entries over whole tensors, "
+            "so neither `baselines=True` nor `dare=` is supported in a sharded run. Leave them unset, or run the "
+            "`exme` command on the saved checkpoints in one process."
+        )
     if peft:
         check_peft_model(model)
     quantized = getattr(model, "is_quantized", False) or any(not p.is_floating_point() for p in model.parameters())
@@ -150,12 +162,24 @@ def make_plane(
         checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): the kept checkpoints' trainable tensors, best first.
         trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
         save_model (`Callable[[str], None]`, *optional*): how a full model is saved (defaults to
-            `model.save_pretrained`).
+            `model.save_pretrained`; under FSDP2, of the gathered full state dict, written by the main process).
         save_merged (`bool`, *optional*, defaults to `False`): LoRA: also save the chosen model fused.
     """
     if is_peft_model(model):
         return LoraPlane(model, base, checkpoints, trained, save_merged=save_merged)
-    return DensePlane(trainable_tensors(model), base, checkpoints, trained, save_model or model.save_pretrained)
+    save_model = save_model or partial(save_pretrained, model)
+    return DensePlane(trainable_tensors(model), base, checkpoints, trained, save_model)
+
+
+def save_pretrained(model: torch.nn.Module, folder: str) -> None:
+    """`model.save_pretrained(folder)`; a sharded model's full state dict is gathered first (every rank calls this)
+    and written by the main process alone."""
+    if not sharding.is_sharded(model):
+        model.save_pretrained(folder)
+        return
+    state_dict = sharding.gathered_state_dict(model)
+    if sharding.rank() == 0:
+        model.save_pretrained(folder, state_dict=state_dict)
 
 
 def point_of(candidate: Candidate) -> Point:
@@ -294,9 +318,13 @@ def run(
     progress = tqdm(total=_count(settings, n), desc=f"ExMe search ({settings.strategy})", disable=not show_progress)
     order = list(range(n))
 
-    def score(candidate: Candidate) -> Candidate:
+    def evaluate(candidate: Candidate, by: Scorer, heldout: bool = False) -> None:
         apply(plane, candidate, order, settings.seed)
-        scorer.score_into(model, candidate)
+        by.score_into(model, candidate, heldout=heldout)
+        sharding.reshard(model)  # FSDP2 leaves the root's parameters gathered after a forward; candidates go to shards
+
+    def score(candidate: Candidate) -> Candidate:
+        evaluate(candidate, scorer)
         if log is not None and candidate.valid:
             log(candidate.log_values())
         progress.update()
@@ -304,7 +332,7 @@ def run(
 
     try:
         # 0. The kinship of the kept checkpoints (one pass over their tensors) and the merge partner.
-        gram = plane.gram()
+        gram = sharding.total(plane.gram(), model)  # under FSDP2, each rank measured its shards
         order[:] = search_order(checkpoints, gram, settings)
         checkpoints = report.checkpoints = [checkpoints[i] for i in order]
         gram = gram.permuted(order)
@@ -322,14 +350,14 @@ def run(
             rows = [c for c in {id(c): c for _, c in report.rows()}.values() if c.heldout_score is None]
             progress = tqdm(total=len(rows), desc="ExMe held-out rows", disable=not show_progress)
             for candidate in rows:
-                apply(plane, candidate, order, settings.seed)
-                heldout.score_into(model, candidate, heldout=True)
+                evaluate(candidate, heldout, heldout=True)
                 progress.update()
         # 4. The chosen model, saved.
         apply(plane, report.final, order, settings.seed)
         with publish_dir(destination, write=write) as folder:
-            if write:
+            if write or sharding.is_sharded(model):  # a sharded model is gathered by every rank
                 saved = plane.save(folder)
+            if write:
                 report.saved = {kind: path.replace(folder, destination, 1) for kind, path in saved.items()}
                 if processing_class is not None:
                     for path in saved.values():

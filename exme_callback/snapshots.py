@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import sharding
+
 __all__ = ["SnapshotStore", "load_resume_state", "load_state", "save_state", "trainable_tensors"]
 
 STORAGES = ("cpu", "disk")
@@ -33,9 +35,11 @@ ORDER = "exme.order"  # safetensors metadata: the tensor names in their model or
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The live tensors of `model`'s trainable parameters, by name (tied parameters once).
 
-    The tensors are the parameters' own storage (`param.data`): writing into them changes the model.
+    The tensors are the parameters' own storage (`param.data`): writing into them changes the model. Under FSDP2
+    they are this rank's shards (`sharding.local`), the model resharded first.
     """
-    return {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+    sharding.reshard(model)
+    return {name: sharding.local(param) for name, param in model.named_parameters() if param.requires_grad}
 
 
 class SnapshotStore:
@@ -188,38 +192,65 @@ class SnapshotStore:
         return index
 
 
-def save_state(store: SnapshotStore, checkpoint: str, info: Mapping, keys: Sequence[str]) -> None:
+def save_state(store: SnapshotStore, checkpoint: str, info: Mapping, keys: Sequence[str], shards: int = 1) -> None:
     """Write the run state into a checkpoint folder: the snapshots `keys` as safetensors files (hard-linked to the
     store's, so every checkpoint costs their bytes once) and `info` (JSON-able) in `exme/exme_state.json`, written
-    last and atomically: a state file always names complete snapshots."""
+    last and atomically: a state file always names complete snapshots.
+
+    A sharded run (`shards` ranks, each keeping its shards) calls this on every rank: each writes its snapshots into
+    `exme/rank-<r>/`, and the main process writes the state file once all of them are written.
+    """
     folder = os.path.join(checkpoint, STATE_DIR)
     for key in keys:
-        store.export(key, folder)
+        store.export(key, _shard_folder(folder, shards))
+    if shards > 1:
+        sharding.barrier()
+        if sharding.rank() != 0:
+            return
     path = os.path.join(folder, STATE_FILE)
     with open(path + ".tmp", "w") as f:
-        json.dump({"info": dict(info), "snapshots": list(keys)}, f, indent=2)
+        json.dump({"info": dict(info), "snapshots": list(keys), "shards": shards}, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def load_state(store: SnapshotStore, checkpoint: str) -> dict:
-    """Read the run state written by `save_state` from a checkpoint folder: import its snapshots into `store` and
-    return its `info`.
+def load_state(store: SnapshotStore, checkpoint: str, shards: int = 1) -> dict:
+    """Read the run state written by `save_state` from a checkpoint folder: import its snapshots into `store` (this
+    rank's, for a sharded run of `shards` ranks) and return its `info`.
 
     Raises:
         `FileNotFoundError`: the folder has no ExMe state, or a snapshot it names is missing.
+        `ValueError`: the state was saved by another number of shards.
     """
     path = os.path.join(checkpoint, STATE_DIR, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{checkpoint} has no ExMe state ({STATE_DIR}/{STATE_FILE}).")
     with open(path) as f:
         saved = json.load(f)
+    saved_shards = saved.get("shards", 1)
+    if saved_shards != shards:
+        saved_as = f"sharded over {saved_shards} ranks" if saved_shards > 1 else "by an unsharded run"
+        now = f"sharded over {shards} ranks" if shards > 1 else "unsharded"
+        raise ValueError(
+            f"The ExMe state of {checkpoint} was saved {saved_as} (each rank keeps its own shards), but this run is "
+            f"{now}. Resume with the same number of processes and the same FSDP setting."
+        )
     for key in saved["snapshots"]:
-        store.import_(key, os.path.dirname(path))
+        store.import_(key, _shard_folder(os.path.dirname(path), shards))
     return saved["info"]
 
 
+def _shard_folder(folder: str, shards: int) -> str:
+    """Where this rank's snapshots are in a checkpoint's state folder."""
+    return folder if shards == 1 else os.path.join(folder, f"rank-{sharding.rank():05d}")
+
+
 def load_resume_state(
-    store: SnapshotStore, output_dir: str, step: int, resume_from_checkpoint: str | None, metric: str
+    store: SnapshotStore,
+    output_dir: str,
+    step: int,
+    resume_from_checkpoint: str | None,
+    metric: str,
+    shards: int = 1,
 ) -> dict:
     """`load_state` of the checkpoint a `Trainer` run resumes from (`<output_dir>/checkpoint-<step>`, or the folder
     given to `resume_from_checkpoint`), which must have ranked its checkpoints by `metric`; the errors say how to
@@ -235,7 +266,7 @@ def load_resume_state(
             "weights are not there. Resume from a checkpoint saved with ExMeCallback, or start the run from the "
             "beginning."
         )
-    info = load_state(store, folder)
+    info = load_state(store, folder, shards)
     if info["metric"] != metric:
         raise ValueError(
             f"The checkpoint's ExMe state ranks checkpoints by {info['metric']!r}, but this run uses {metric!r}. "

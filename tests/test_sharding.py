@@ -1,0 +1,111 @@
+"""Sharded runs: FSDP2 over two CPU processes (gloo, `torchrun`) ends like one unsharded process, each rank keeping
+only its shards; a resumed sharded run ends like an uninterrupted one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_llama
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from exme_callback import sharding
+from exme_callback.kinship import dense_gram
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "_fsdp_run.py")
+
+
+def test_one_process_is_its_own_shard():
+    model = make_llama()
+    gram = dense_gram({"w": torch.zeros(3)}, [{"w": torch.ones(3)}])
+    assert (sharding.world(), sharding.rank()) == (1, 0)
+    assert not sharding.is_sharded(model)
+    assert sharding.total(gram, model) is gram
+    assert sharding.agree("step-4") == "step-4"
+    weight = model.lm_head.weight
+    assert sharding.local(weight).data_ptr() == weight.data_ptr()
+
+
+def run(output_dir, *options, processes=1):
+    launcher = [sys.executable]
+    if processes > 1:  # `--standalone`: a free port of its own
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launcher, SCRIPT, str(output_dir), *options], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def outcome(output_dir, processes):
+    with open(output_dir / "exme" / "exme_report.json") as f:
+        report = json.load(f)
+    ranks = [json.loads((output_dir / f"rank-{r}.json").read_text()) for r in range(processes)]
+    return report, ranks, load_file(output_dir / "exme" / "model.safetensors")
+
+
+def assert_same_run(report, expected):
+    assert [c["step"] for c in report["checkpoints"]] == [c["step"] for c in expected["checkpoints"]]
+    assert [(c["kind"], c["c1"], c["c2"]) for c in report["candidates"]] == [
+        (c["kind"], c["c1"], c["c2"]) for c in expected["candidates"]
+    ]
+    assert_close(
+        [c["score"] for c in report["candidates"]], [c["score"] for c in expected["candidates"]], rtol=1e-5, atol=1e-6
+    )
+    assert (report["final"]["c1"], report["final"]["c2"]) == (expected["final"]["c1"], expected["final"]["c2"])
+    for metric in ("pearson", "cosine", "euclidean"):  # the Gram of the whole task vectors, summed over the shards
+        assert_close(report["kinship"]["checkpoints"][metric], expected["kinship"]["checkpoints"][metric])
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_and_keep_half_each(tmp_path):
+    run(tmp_path / "one")
+    run(tmp_path / "fsdp", processes=2)
+    single, [unsharded], model = outcome(tmp_path / "one", 1)
+    sharded, ranks, gathered = outcome(tmp_path / "fsdp", 2)
+
+    assert_same_run(sharded, single)
+    assert sharded["final"]["kind"] == "expo"  # the sweep chose a candidate off the trained weights
+    # The chosen model, gathered from the shards and written by the main process, is the unsharded run's.
+    assert gathered.keys() == model.keys()
+    for name in model:
+        assert_close(gathered[name], model[name], rtol=1e-5, atol=1e-6)
+    # Each rank kept only its shard of the base and the kept checkpoints (every dimension 0 here is even), and
+    # holds its trained shards again after the sweep.
+    assert unsharded["kept_bytes"] == 3 * sum(t.numel() * t.element_size() for t in model.values())  # base, 2 kept
+    assert [r["kept_bytes"] for r in ranks] == [unsharded["kept_bytes"] // 2] * 2
+    assert all(r["restored"] for r in [unsharded, *ranks])
+
+
+@pytest.mark.slow
+def test_resumed_fsdp2_run_ends_like_an_uninterrupted_one(tmp_path):
+    run(tmp_path / "fsdp", processes=2)
+    run(tmp_path / "resumed", "--stop", "4", processes=2)
+    state = tmp_path / "resumed" / "checkpoint-4" / "exme"
+    saved = json.loads((state / "exme_state.json").read_text())
+    assert saved["shards"] == 2 and saved["snapshots"] == ["base", "step-4", "step-2"]
+    for r in range(2):  # each rank wrote its own shards of the kept snapshots
+        shard = load_file(state / f"rank-{r:05d}" / "base-00000.safetensors")
+        assert shard["lm_head.weight"].shape == (16, 16)
+    run(tmp_path / "resumed", "--resume", "4", processes=2)
+
+    uninterrupted, _, model = outcome(tmp_path / "fsdp", 2)
+    resumed, ranks, resumed_model = outcome(tmp_path / "resumed", 2)
+    assert_same_run(resumed, uninterrupted)
+    for name in model:
+        assert_close(resumed_model[name], model[name], rtol=1e-5, atol=1e-6)
+    assert all(r["restored"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_number_of_shards_is_refused(tmp_path):
+    run(tmp_path, "--stop", "4", processes=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path), "--resume", "4"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "was saved sharded over 2 ranks" in result.stderr and "same number of processes" in result.stderr
