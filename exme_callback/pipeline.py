@@ -108,6 +108,12 @@ def check_model(model: torch.nn.Module, save_merged: bool = False, settings: Sea
     elementwise (`settings`' TIES and DARE baselines, DARE-sparsified M^3)."""
     sharding.check_model(model)
     peft = is_peft_model(model)
+    if sharding.is_sharded(model) and peft:
+        raise NotImplementedError(
+            "ExMe does not support LoRA under FSDP2 yet: the rank-concatenated adapter of its candidates needs whole "
+            "factors, which FSDP2 shards. LoRA adapters are small: train them with DDP (`torchrun` or `accelerate "
+            "launch` without FSDP), where ExMe keeps about three adapters per process."
+        )
     if sharding.is_sharded(model) and settings is not None and (settings.baselines or settings.dare is not None):
         raise NotImplementedError(
             "Under FSDP2 each rank blends only its shards, but TIES trims and DARE drops entries over whole tensors, "
