@@ -338,7 +338,8 @@ class DensePlane:
     """The span written into live tensors (a model's parameters): full fine-tuning's candidates.
 
     `apply(c)` sets every live tensor to `theta(c)`, one tensor at a time; `save(folder)` calls `save_model`;
-    `close()` copies `trained` back, bit for bit (`close(keep=True)` leaves the last candidate in place).
+    `close()` copies `trained` back, bit for bit (`close(keep=True)` leaves the last candidate in place). The live
+    tensors may be a sharded model's local shards: the formula is elementwise.
 
     Args:
         live (`MutableMapping[str, torch.Tensor]`): the tensors written in place.
@@ -347,6 +348,8 @@ class DensePlane:
         trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
         save_model (`Callable[[str], None]`, *optional*): saves the live model into a folder (for example
             `model.save_pretrained`, or `trainer.save_model`).
+        written (`Callable[[], None]`, *optional*): called after the live tensors are written (a sharded model drops
+            its gathered copies of the parameters: `sharding.reshard`).
     """
 
     def __init__(
@@ -356,15 +359,17 @@ class DensePlane:
         checkpoints: Sequence[StateDict],
         trained: StateDict,
         save_model: Callable[[str], None] | None = None,
+        written: Callable[[], None] | None = None,
     ):
         self.live, self.base, self.checkpoints, self.trained = live, base, list(checkpoints), trained
-        self.save_model = save_model
+        self.save_model, self.written = save_model, written or (lambda: None)
 
     def apply(self, point: Point) -> None:
         if callable(point):
             merge_task_vectors(self.base, self.checkpoints, point, out=self.live)
         else:
             span_point(self.base, self.checkpoints, point, out=self.live)
+        self.written()
 
     def save(self, folder: str, merged: bool = False) -> dict[str, str]:
         """Save the live model with `save_model` (it is a plain model already: `merged` changes nothing)."""
@@ -376,6 +381,7 @@ class DensePlane:
     def close(self, keep: bool = False) -> None:
         if not keep:  # the trained weights themselves: copied exactly, slice by slice
             span_point(self.trained, [self.trained], (1.0,), out=self.live)
+            self.written()
 
     def gram(self) -> Gram:
         """The Gram matrix of the task vectors, in one pass over the kept tensors."""

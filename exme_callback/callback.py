@@ -164,7 +164,7 @@ class ExMeCallback(TrainerCallback):
         self._kept: list[Checkpoint] = []  # the best checkpoints so far, best first (at most `top_k`)
         self._base: Candidate | None = None  # the base model's evaluation, when `evaluate_base`
         self._training = False  # only evaluations between train begin and end score checkpoints
-        self._shards = 1  # the ranks the kept tensors are sharded over (FSDP2), from on_train_begin
+        self._sharded, self._shards = False, 1  # whether the model is sharded (FSDP2, ZeRO-3), over how many ranks
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
@@ -190,8 +190,9 @@ class ExMeCallback(TrainerCallback):
                 getattr(self.report_evaluator, "directions", None) or self.objective.metrics
             )
             self._heldout = Scorer(self.report_evaluator, self.heldout_objective, "report_evaluator", self.trainer)
-        # Under FSDP2 each rank keeps its own shards; every rank of a multi-process run writes its own folder.
-        self._shards = sharding.world() if sharding.is_sharded(model) else 1
+        # Under FSDP2 and ZeRO-3 each rank keeps its own shards; every rank of a multi-process run has its own folder.
+        self._sharded = sharding.is_sharded(model)
+        self._shards = sharding.world() if self._sharded else 1
         snapshots = os.path.join(args.output_dir, "exme-snapshots")
         if sharding.world() > 1:
             snapshots = os.path.join(snapshots, f"rank-{sharding.rank():05d}")
@@ -233,7 +234,7 @@ class ExMeCallback(TrainerCallback):
         """Write the callback's state into the new checkpoint, so a resumed run ends with the same result."""
         folder = self._folder(args, state.global_step)
         if not self._training or not (state.is_world_process_zero or self._shards > 1):
-            return  # under FSDP2 every rank writes its shards; else the main process writes for all
+            return  # in a sharded run every rank writes its shards; else the main process writes for all
         if os.path.isdir(folder) or self._shards > 1:
             info = {
                 "metric": self.objective.name,
@@ -265,7 +266,8 @@ class ExMeCallback(TrainerCallback):
                 store.load("base"),
                 [store.load(key) for key in kept],
                 store.load(trained),
-                save_model=None if self.trainer is None else self.trainer.save_model,
+                # A sharded model is gathered by `pipeline.save_pretrained`, whatever the trainer's settings.
+                save_model=None if self.trainer is None or self._sharded else self.trainer.save_model,
                 save_merged=self.save_merged,
             )
             self.report = pipeline.run(

@@ -95,11 +95,6 @@ def check_trainer_run(args, trainer=None, needs_eval_dataset: bool = False) -> N
             "ExMeCallback does not support FSDP1: its flat parameters hide the tensors ExMe keeps. Use FSDP2: "
             "`fsdp_version: 2` in the accelerate config, or `fsdp_config={'version': 2}` in the training arguments."
         )
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
-        raise NotImplementedError(
-            "ExMeCallback does not support DeepSpeed yet (ZeRO partitions the weights it blends). Supported: one "
-            "process, DDP, or FSDP2 (`fsdp_version: 2`)."
-        )
 
 
 def check_model(model: torch.nn.Module, save_merged: bool = False, settings: SearchSettings | None = None) -> None:
@@ -110,15 +105,15 @@ def check_model(model: torch.nn.Module, save_merged: bool = False, settings: Sea
     peft = is_peft_model(model)
     if sharding.is_sharded(model) and peft:
         raise NotImplementedError(
-            "ExMe does not support LoRA under FSDP2 yet: the rank-concatenated adapter of its candidates needs whole "
-            "factors, which FSDP2 shards. LoRA adapters are small: train them with DDP (`torchrun` or `accelerate "
-            "launch` without FSDP), where ExMe keeps about three adapters per process."
+            "ExMe does not support LoRA in sharded runs (FSDP2, DeepSpeed ZeRO-3) yet: the rank-concatenated adapter "
+            "of its candidates needs whole factors, which those shard. LoRA adapters are small: train them with DDP "
+            "or ZeRO-1/2 (`torchrun` or `accelerate launch`), where ExMe keeps about three adapters per process."
         )
     if sharding.is_sharded(model) and settings is not None and (settings.baselines or settings.dare is not None):
         raise NotImplementedError(
-            "Under FSDP2 each rank blends only its shards, but TIES trims and DARE drops entries over whole tensors, "
-            "so neither `baselines=True` nor `dare=` is supported in a sharded run. Leave them unset, or run the "
-            "`exme` command on the saved checkpoints in one process."
+            "In a sharded run (FSDP2, ZeRO-3) each rank blends only its shards, but TIES trims and DARE drops entries "
+            "over whole tensors, so neither `baselines=True` nor `dare=` is supported in a sharded run: leave them "
+            "unset."
         )
     if peft:
         check_peft_model(model)
@@ -174,7 +169,9 @@ def make_plane(
     if is_peft_model(model):
         return LoraPlane(model, base, checkpoints, trained, save_merged=save_merged)
     save_model = save_model or partial(save_pretrained, model)
-    return DensePlane(trainable_tensors(model), base, checkpoints, trained, save_model)
+    return DensePlane(
+        trainable_tensors(model), base, checkpoints, trained, save_model, partial(sharding.reshard, model)
+    )
 
 
 def save_pretrained(model: torch.nn.Module, folder: str) -> None:
@@ -327,7 +324,6 @@ def run(
     def evaluate(candidate: Candidate, by: Scorer, heldout: bool = False) -> None:
         apply(plane, candidate, order, settings.seed)
         by.score_into(model, candidate, heldout=heldout)
-        sharding.reshard(model)  # FSDP2 leaves the root's parameters gathered after a forward; candidates go to shards
 
     def score(candidate: Candidate) -> Candidate:
         evaluate(candidate, scorer)

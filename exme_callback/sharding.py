@@ -1,21 +1,28 @@
-"""Sharded runs (FSDP2): what each rank keeps, and the few collectives a sweep needs.
+"""Sharded runs (FSDP2, DeepSpeed ZeRO-3): what each rank keeps, and the few collectives a sweep needs.
 
-The candidate formula `base + sum_i c_i * d_i` is elementwise, so it commutes with sharding. Under FSDP2
-(`torch.distributed.fsdp.fully_shard`, what `accelerate` and `Trainer` use with `fsdp_version: 2`) every parameter
-is a `DTensor` whose rank-local shard (`DTensor.to_local()`) is a plain tensor: each rank keeps the base's and the
-kept checkpoints' shards of its own parameters, writes candidates into its own shards, and never holds a full copy.
+The candidate formula `base + sum_i c_i * d_i` is elementwise, so it commutes with sharding. Each rank keeps the
+base's and the kept checkpoints' shards of its own parameters, writes candidates into its own shards, and never holds
+a full copy:
+
+- FSDP2 (`torch.distributed.fsdp.fully_shard`, what `accelerate` and `Trainer` use with `fsdp_version: 2`): every
+  parameter is a `DTensor`, and its shard is `DTensor.to_local()`;
+- DeepSpeed ZeRO-3: every parameter's shard is its flat partition `param.ds_tensor` (without the last rank's padding).
+
 What is not elementwise is reduced across ranks: the Gram matrix of the task vectors (a sum over all entries), and
 whether the trained weights equal a kept checkpoint (every rank must agree). The chosen model is saved as a full
-model, gathered on the CPU by every rank and written by the main process.
+model, gathered on the CPU (one parameter at a time under ZeRO-3) and written by the main process.
 
-FSDP2 leaves the root module's parameters unsharded after a forward pass in evaluation, and writing into the
-shards would not reach them; `reshard` puts every FSDP module back into its sharded state before the kept tensors
-are read or written.
+Both keep gathered copies of some parameters between forward passes (FSDP2 the root module's after a forward in
+evaluation, ZeRO-3 its persistent small parameters), which writes into the shards would not reach: `reshard` drops
+them after candidates are written. Under ZeRO-3 the optimizer's float32 master weights are not touched: training is
+over when the sweep runs, and the trained weights are put back into the shards exactly.
 
 Under DDP, and ZeRO-1/2, every rank holds full parameters: nothing here changes anything.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -29,6 +36,7 @@ __all__ = [
     "gathered_state_dict",
     "is_sharded",
     "local",
+    "local_tensors",
     "rank",
     "reshard",
     "total",
@@ -54,25 +62,46 @@ def _fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")  # DeepSpeed's own test (`deepspeed.runtime.zero.utils.is_zero_param`)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether `model` is sharded with FSDP2 (`fully_shard`): its parameters are `DTensor` shards."""
-    return bool(_fsdp_modules(model))
+    """Whether `model`'s parameters are sharded across ranks: FSDP2 (`fully_shard`) or DeepSpeed ZeRO-3."""
+    return bool(_fsdp_modules(model)) or any(_is_zero3(p) for p in model.parameters())
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP2 module of `model` into its sharded state (a no-op for other models), so that its parameters
-    are the rank-local shards that candidates are written into."""
+    """Drop every gathered copy of `model`'s parameters (a no-op for a model that is not sharded), so the next
+    forward pass gathers them from the shards, where candidates are written."""
     for module in _fsdp_modules(model):
         module.reshard()
+    for param in model.parameters():
+        if _is_zero3(param) and param.ds_status.name == "AVAILABLE":
+            param.partition()  # local: this rank's partition stays, the gathered data is freed
+
+
+def local_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `model`'s trainable parameters this rank holds and writes, by name: the parameters' own data,
+    or their shards (`local`)."""
+    for module in _fsdp_modules(model):  # FSDP2 names `DTensor`s only in the sharded state
+        module.reshard()
+    return {name: local(param) for name, param in model.named_parameters() if param.requires_grad}
 
 
 def local(param: torch.Tensor) -> torch.Tensor:
-    """The tensor of `param` this rank holds and writes: its local shard for a `DTensor`, else its data."""
+    """The tensor of `param` this rank holds and writes: its data, its local shard for an FSDP2 `DTensor`, its flat
+    partition (padding excluded) under ZeRO-3. Writing into it writes into the parameter's storage."""
+    if _is_zero3(param):
+        partition = param.ds_tensor
+        start = partition.numel() * dist.get_rank(group=getattr(param, "ds_process_group", None))
+        return partition.narrow(0, 0, max(0, min(partition.numel(), param.ds_numel - start)))
     return param.data.to_local() if hasattr(param, "to_local") else param.data
 
 
 def check_model(model: torch.nn.Module) -> None:
-    """Refuse FSDP1 (`FullyShardedDataParallel`): its flattened parameters do not keep the model's tensor names."""
+    """Refuse the sharded set-ups whose shards ExMe cannot read or write: FSDP1 (`FullyShardedDataParallel`), whose
+    flattened parameters hide the model's tensors, and ZeRO-3 parameters offloaded to NVMe."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:
@@ -82,6 +111,11 @@ def check_model(model: torch.nn.Module) -> None:
             "ExMeCallback does not support FSDP1 (`FullyShardedDataParallel`): its flat parameters hide the tensors "
             "ExMe keeps. Use FSDP2: `fsdp_version: 2` in the accelerate config, or `fsdp_config={'version': 2}` in "
             "the training arguments."
+        )
+    if any(_is_zero3(p) and getattr(p.ds_tensor, "final_location", None) == "nvme" for p in model.parameters()):
+        raise NotImplementedError(
+            "ExMeCallback does not support ZeRO-3 parameters offloaded to NVMe (`offload_param.device='nvme'`): their "
+            "partitions are not in memory to blend. Offload them to the CPU instead, or not at all."
         )
 
 
@@ -115,8 +149,18 @@ def barrier() -> None:
 
 def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict of a sharded `model`, gathered on the CPU of the main process (collective: every rank
-    calls it; the other ranks get an empty dict), as `accelerate`'s `get_state_dict` gathers it for saving."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    calls it; the other ranks get an empty dict), as `accelerate`'s `get_state_dict` gathers it for saving. Under
+    ZeRO-3 one parameter is gathered at a time."""
     reshard(model)
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not any(_is_zero3(p) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    import deepspeed
+
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        with deepspeed.zero.GatheredParameters([tensor]) if _is_zero3(tensor) else contextlib.nullcontext():
+            if rank() == 0:
+                state[name] = tensor.detach().to("cpu", copy=True)
+    return state

@@ -35,11 +35,10 @@ ORDER = "exme.order"  # safetensors metadata: the tensor names in their model or
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The live tensors of `model`'s trainable parameters, by name (tied parameters once).
 
-    The tensors are the parameters' own storage (`param.data`): writing into them changes the model. Under FSDP2
-    they are this rank's shards (`sharding.local`), the model resharded first.
+    The tensors are the parameters' own storage (`param.data`): writing into them changes the model. Under FSDP2 and
+    ZeRO-3 they are this rank's shards (`sharding.local`).
     """
-    sharding.reshard(model)
-    return {name: sharding.local(param) for name, param in model.named_parameters() if param.requires_grad}
+    return sharding.local_tensors(model)
 
 
 class SnapshotStore:

@@ -206,3 +206,31 @@ def write_lm_eval_tasks(folder, prefix: str = "toy") -> list[str]:
         }
         (folder / f"{prefix}_{kind}.yaml").write_text(yaml.safe_dump(config))
     return [f"{prefix}_choice", f"{prefix}_generate"]
+
+
+SEQUENCE_VOCAB = 32
+
+
+def make_sequence_llama():
+    """A tiny Llama whose every tensor splits evenly over two ranks (for the sharded runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=SEQUENCE_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def sequences(seed: int, rows: int) -> torch.Tensor:
+    """Token sequences that follow `x -> 3x + 1 (mod 32)` from a random start: learnable in a few steps."""
+    start = torch.randint(0, SEQUENCE_VOCAB, (rows, 1), generator=torch.Generator().manual_seed(seed))
+    powers = 3 ** torch.arange(12)
+    return (start * powers + (powers - 1) // 2) % SEQUENCE_VOCAB

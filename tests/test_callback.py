@@ -444,14 +444,10 @@ def test_quantized_models_are_refused(tmp_path, regression):
         callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
 
 
-def test_deepspeed_and_fsdp1_are_refused(tmp_path, regression, monkeypatch):
+def test_fsdp1_is_refused(tmp_path, regression, monkeypatch):
     model, train_data, eval_data = regression
     trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data)
     callback = ExMeCallback(trainer)
-    trainer.args.deepspeed = "ds_config.json"  # as if launched with DeepSpeed; checked before anything runs
-    with pytest.raises(NotImplementedError, match="does not support DeepSpeed yet"):
-        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
-    trainer.args.deepspeed = None
     fsdp1 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
     monkeypatch.setattr(trainer, "accelerator", fsdp1)  # as `accelerate launch` with `fsdp_version: 1` sets it
     with pytest.raises(NotImplementedError, match="does not support FSDP1.*`fsdp_version: 2`"):

@@ -1,6 +1,7 @@
-"""Sharded runs: FSDP2 over two CPU processes (gloo, `torchrun`) ends like one unsharded process, each rank keeping
-only its shards; a resumed sharded run ends like an uninterrupted one."""
+"""Sharded runs: FSDP2 and DeepSpeed ZeRO-3 over two CPU processes (gloo, `torchrun`) end like one unsharded process,
+each rank keeping only its shards; a resumed sharded run ends like an uninterrupted one."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ from torch.testing import assert_close
 from exme_callback import sharding
 from exme_callback.kinship import dense_gram
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "_fsdp_run.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "_sharded_run.py")
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def test_one_process_is_its_own_shard():
@@ -29,13 +31,13 @@ def test_one_process_is_its_own_shard():
     assert sharding.local(weight).data_ptr() == weight.data_ptr()
 
 
-def run(output_dir, *options, processes=1):
+def run(output_dir, shard="none", *options, processes=1):
     launcher = [sys.executable]
     if processes > 1:  # `--standalone`: a free port of its own
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*launcher, SCRIPT, str(output_dir), *options], env=env, capture_output=True, text=True, timeout=300
+        [*launcher, SCRIPT, str(output_dir), shard, *options], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -60,20 +62,31 @@ def assert_same_run(report, expected):
         assert_close(report["kinship"]["checkpoints"][metric], expected["kinship"]["checkpoints"][metric])
 
 
-@pytest.mark.slow
-def test_fsdp2_two_processes_match_one_and_keep_half_each(tmp_path):
-    run(tmp_path / "one")
-    run(tmp_path / "fsdp", processes=2)
-    single, [unsharded], model = outcome(tmp_path / "one", 1)
-    sharded, ranks, gathered = outcome(tmp_path / "fsdp", 2)
+SHARDINGS = ["fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(not DEEPSPEED, reason="needs deepspeed"))]
 
-    assert_same_run(sharded, single)
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The unsharded run every sharded run is compared with."""
+    output_dir = tmp_path_factory.mktemp("one")
+    run(output_dir)
+    return outcome(output_dir, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", SHARDINGS)
+def test_two_processes_match_one_and_keep_half_each(tmp_path, single, shard):
+    expected, [unsharded], model = single
+    run(tmp_path, shard, processes=2)
+    sharded, ranks, gathered = outcome(tmp_path, 2)
+
+    assert_same_run(sharded, expected)
     assert sharded["final"]["kind"] == "expo"  # the sweep chose a candidate off the trained weights
     # The chosen model, gathered from the shards and written by the main process, is the unsharded run's.
     assert gathered.keys() == model.keys()
     for name in model:
         assert_close(gathered[name], model[name], rtol=1e-5, atol=1e-6)
-    # Each rank kept only its shard of the base and the kept checkpoints (every dimension 0 here is even), and
+    # Each rank kept only its shard of the base and the kept checkpoints (every tensor splits evenly here), and
     # holds its trained shards again after the sweep.
     assert unsharded["kept_bytes"] == 3 * sum(t.numel() * t.element_size() for t in model.values())  # base, 2 kept
     assert [r["kept_bytes"] for r in ranks] == [unsharded["kept_bytes"] // 2] * 2
@@ -81,20 +94,20 @@ def test_fsdp2_two_processes_match_one_and_keep_half_each(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_fsdp2_run_ends_like_an_uninterrupted_one(tmp_path):
-    run(tmp_path / "fsdp", processes=2)
-    run(tmp_path / "resumed", "--stop", "4", processes=2)
-    state = tmp_path / "resumed" / "checkpoint-4" / "exme"
+@pytest.mark.parametrize("shard", SHARDINGS)
+def test_resumed_sharded_run_ends_like_an_uninterrupted_one(tmp_path, single, shard):
+    expected, _, model = single
+    run(tmp_path, shard, "--stop", "4", processes=2)
+    state = tmp_path / "checkpoint-4" / "exme"
     saved = json.loads((state / "exme_state.json").read_text())
     assert saved["shards"] == 2 and saved["snapshots"] == ["base", "step-4", "step-2"]
-    for r in range(2):  # each rank wrote its own shards of the kept snapshots
-        shard = load_file(state / f"rank-{r:05d}" / "base-00000.safetensors")
-        assert shard["lm_head.weight"].shape == (16, 16)
-    run(tmp_path / "resumed", "--resume", "4", processes=2)
+    for r in range(2):  # each rank wrote its own shards of the kept snapshots: half of each tensor
+        shard_file = load_file(state / f"rank-{r:05d}" / "base-00000.safetensors")
+        assert shard_file["lm_head.weight"].numel() == model["lm_head.weight"].numel() // 2
+    run(tmp_path, shard, "--resume", "4", processes=2)
 
-    uninterrupted, _, model = outcome(tmp_path / "fsdp", 2)
-    resumed, ranks, resumed_model = outcome(tmp_path / "resumed", 2)
-    assert_same_run(resumed, uninterrupted)
+    resumed, ranks, resumed_model = outcome(tmp_path, 2)
+    assert_same_run(resumed, expected)
     for name in model:
         assert_close(resumed_model[name], model[name], rtol=1e-5, atol=1e-6)
     assert all(r["restored"] for r in ranks)
@@ -102,10 +115,37 @@ def test_resumed_fsdp2_run_ends_like_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.slow
 def test_resuming_with_another_number_of_shards_is_refused(tmp_path):
-    run(tmp_path, "--stop", "4", processes=2)
+    run(tmp_path, "fsdp2", "--stop", "4", processes=2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp_path), "--resume", "4"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, SCRIPT, str(tmp_path), "none", "--resume", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "was saved sharded over 2 ranks" in result.stderr and "same number of processes" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEEPSPEED, reason="needs deepspeed")
+def test_trainer_with_zero3_matches_one_process(tmp_path):
+    """Through transformers' `Trainer` (which runs DeepSpeed on the CPU; FSDP it enables only on accelerators)."""
+    script = os.path.join(os.path.dirname(__file__), "_zero3_trainer_run.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launchers = {
+        "one": [sys.executable, script, str(tmp_path / "one"), "none"],
+        "zero3": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [script, str(tmp_path / "zero3"), "zero3"],
+    }
+    for command in launchers.values():
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    single, sharded = (json.loads((tmp_path / name / "exme" / "exme_report.json").read_text()) for name in launchers)
+    model, gathered = (load_file(tmp_path / name / "exme" / "model.safetensors") for name in launchers)
+    assert_same_run(sharded, single)
+    for name in model:  # AdamW's division by the gradients' scale magnifies the reduction order's rounding
+        assert_close(gathered[name], model[name], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "zero3" / "writes.txt").read_text() == "0\n"  # the main process alone wrote the result
+    assert not (tmp_path / "zero3" / "exme-snapshots").exists()

@@ -1,11 +1,11 @@
-"""One ExMe run of a tiny Llama, in one process or sharded with FSDP2 (`fully_shard`) over the processes of
-`torchrun` (gloo, CPU), launched by tests/test_sharding.py.
+"""One ExMe run of a tiny Llama, in one process or sharded over the processes of `torchrun` (gloo, CPU) with FSDP2
+(`fully_shard`) or DeepSpeed ZeRO-3, launched by tests/test_sharding.py.
 
 transformers' `Trainer` enables FSDP only on accelerators, so this drives the callback's hooks around a plain training
 loop, as `Trainer` calls them: `on_train_begin`, `on_evaluate` every 2 steps, `on_save` at `--stop`, `on_train_end`.
 Every process sees the same global batch of 8 sequences; a sharded rank trains on its half of it.
 
-Usage: python _fsdp_run.py OUTPUT_DIR [--stop STEP | --resume STEP]
+Usage: python _sharded_run.py OUTPUT_DIR {none,fsdp2,zero3} [--stop STEP | --resume STEP]
 Writes `rank-<r>.json`: the bytes of the kept tensors before the sweep, and whether the trained weights came back.
 """
 
@@ -15,51 +15,56 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import make_sequence_llama, sequences  # noqa: E402
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from exme_callback import ExMeCallback
-from exme_callback.sharding import gathered_state_dict, reshard
+from exme_callback.sharding import gathered_state_dict, local, reshard
 
-STEPS, VOCAB = 8, 32
-output_dir, option, step_arg = sys.argv[1], *(sys.argv[2:4] + [None, None])[:2]
+STEPS = 8
+output_dir, shard, option, step_arg = sys.argv[1], sys.argv[2], *(sys.argv[3:5] + [None, None])[:2]
 stop = int(step_arg) if option == "--stop" else None
 resume = int(step_arg) if option == "--resume" else 0
 
-sharded = "WORLD_SIZE" in os.environ
-if sharded:
+sharded = shard != "none"
+if shard == "zero3":
+    import importlib
+
+    import deepspeed
+
+    # DeepSpeed compiles a shared-memory C++ extension when it starts; gloo does not need it.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+elif sharded:
     dist.init_process_group("gloo")
 rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
 
 
-def batch(seed: int, rows: int) -> torch.Tensor:
-    """Sequences that follow `x -> 3x + 1 (mod VOCAB)` from a random start: learnable in a few steps."""
-    start = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(seed))
-    return (start * 3 ** torch.arange(12) + (3 ** torch.arange(12) - 1) // 2) % VOCAB
-
-
-torch.manual_seed(0)
-config = LlamaConfig(
-    vocab_size=VOCAB,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    tie_word_embeddings=False,
-)
-model = LlamaForCausalLM(config)
+model = make_sequence_llama()
 checkpoint = os.path.join(output_dir, f"checkpoint-{resume}")
 if resume:  # the trained weights of the checkpoint, as `Trainer` would load them
     model.load_state_dict(torch.load(os.path.join(checkpoint, "model.pt")))
-if sharded:
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # stateless: a resumed run continues exactly
+engine = None
+if shard == "fsdp2":
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # stateless: a resumed run continues exactly
-evaluation = batch(10_000, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+elif shard == "zero3":
+    config = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 8 // world,
+        "zero_optimization": {"stage": 3},
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; the other runs do not clip
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+evaluation = sequences(10_000, 16)
 
 
 def evaluate(model):
@@ -85,10 +90,14 @@ callback = ExMeCallback(evaluator=evaluate)
 callback.on_train_begin(args, state, control, model=model)
 model.train()
 for step in range(resume + 1, STEPS + 1):
-    rows = batch(step, 8)[rank::world]
-    model(input_ids=rows, labels=rows).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    rows = sequences(step, 8)[rank::world]
+    if engine is None:
+        model(input_ids=rows, labels=rows).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    else:
+        engine.backward(engine(input_ids=rows, labels=rows).loss)
+        engine.step()
     state.global_step = step
     if step % args.eval_steps == 0:
         callback.on_evaluate(args, state, control, metrics={}, model=model)
@@ -103,13 +112,11 @@ for step in range(resume + 1, STEPS + 1):
         break
 else:
     reshard(model)  # the shards, as the callback reads them
-    trained = {name: p.to_local().clone() if sharded else p.detach().clone() for name, p in model.named_parameters()}
+    trained = {name: local(p).clone() for name, p in model.named_parameters()}
     kept = callback._store.nbytes()
     callback.on_train_end(args, state, control, model=model)
     reshard(model)
-    restored = all(
-        torch.equal(p.to_local() if sharded else p.detach(), trained[name]) for name, p in model.named_parameters()
-    )
+    restored = all(torch.equal(local(p), trained[name]) for name, p in model.named_parameters())
     with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as f:
         json.dump({"kept_bytes": kept, "restored": restored}, f)
 if sharded:  # leave together: a rank exiting early can abort the other's gloo threads

@@ -1,0 +1,57 @@
+"""One ExMe run of a tiny Llama through transformers' `Trainer`: with DeepSpeed ZeRO-3 over the processes of `torchrun`
+(gloo, CPU), or in one process without it; launched by tests/test_sharding.py.
+
+Usage: python _zero3_trainer_run.py OUTPUT_DIR {none,zero3}
+Report writes are logged to `writes.txt`.
+"""
+
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import make_sequence_llama, sequences  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from exme_callback import ExMeCallback  # noqa: E402
+from exme_callback.report import Report  # noqa: E402
+
+output_dir, shard = sys.argv[1], sys.argv[2]
+world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+settings = {}
+if shard == "zero3":
+    # DeepSpeed compiles a shared-memory C++ extension when it starts; gloo does not need it.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    auto = dict.fromkeys(["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"], "auto")
+    settings = {"deepspeed": {**auto, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}}
+
+write = Report.write
+
+
+def logged_write(self, directory):
+    with open(os.path.join(output_dir, "writes.txt"), "a") as f:
+        f.write(f"{rank}\n")
+    write(self, directory)
+
+
+Report.write = logged_write
+
+args = TrainingArguments(
+    output_dir=output_dir,
+    per_device_train_batch_size=8 // world,
+    per_device_eval_batch_size=8,
+    max_steps=8,
+    learning_rate=0.05,
+    eval_strategy="steps",
+    eval_steps=2,
+    save_strategy="no",
+    report_to=[],
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    **settings,
+)
+train, evaluation = ([{"input_ids": x, "labels": x} for x in sequences(seed, n)] for seed, n in ((0, 64), (1, 16)))
+trainer = Trainer(model=make_sequence_llama(), args=args, train_dataset=train, eval_dataset=evaluation)
+trainer.add_callback(ExMeCallback(trainer))
+trainer.train()
