@@ -145,7 +145,7 @@ def test_trainer_with_zero3_matches_one_process(tmp_path):
     single, sharded = (json.loads((tmp_path / name / "exme" / "exme_report.json").read_text()) for name in launchers)
     model, gathered = (load_file(tmp_path / name / "exme" / "model.safetensors") for name in launchers)
     assert_same_run(sharded, single)
-    for name in model:  # AdamW's division by the gradients' scale magnifies the reduction order's rounding
-        assert_close(gathered[name], model[name], rtol=1e-4, atol=1e-5)
+    for name in model:
+        assert_close(gathered[name], model[name], rtol=1e-5, atol=1e-6)
     assert (tmp_path / "zero3" / "writes.txt").read_text() == "0\n"  # the main process alone wrote the result
     assert not (tmp_path / "zero3" / "exme-snapshots").exists()
