@@ -5,16 +5,19 @@ Runs, each a fresh `SFTTrainer` on the quickstart's data and selection tasks (bf
 
 - `lora`: LoRA (the quickstart's default), the chosen adapter saved and fused;
 - `full`: full fine-tuning;
-- `fsdp2`: full fine-tuning with FSDP2 (`fsdp_config={"version": 2}`); launch under `torchrun` (one process is
-  enough: `torchrun --nproc_per_node 1 benchmarks/gpu_check.py --runs fsdp2`).
+- `fsdp2`: full fine-tuning with FSDP2 (`fsdp_config={"version": 2}`);
+- `zero3`: full fine-tuning with DeepSpeed ZeRO-3 (`pip install deepspeed`).
+
+The sharded runs launch under `torchrun` (one process is enough).
 
 For each run it checks that the kept snapshots are in pinned CPU memory (copied without blocking training), that
 candidates are computed on the GPU, and times the switches; then it reloads the saved model from `exme/` and scores
 it with the same evaluator. It prints one table. On a CPU it runs the same code path (`--smoke` for a tiny model), so
 the script itself is tested where no GPU is.
 
-    python benchmarks/gpu_check.py --runs lora full --output-dir /tmp/gpu-check   # about 10 min on one GPU
-    torchrun --nproc_per_node 1 benchmarks/gpu_check.py --runs fsdp2 --output-dir /tmp/gpu-check
+    python benchmarks/gpu_check.py --runs lora full --output-dir /tmp/gpu-check
+    torchrun --nproc_per_node 1 benchmarks/gpu_check.py --runs fsdp2 zero3 --output-dir /tmp/gpu-check
+    python benchmarks/gpu_check.py --smoke --runs lora full                        # the script itself, on a CPU
 """
 
 import argparse
@@ -36,7 +39,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from exme_callback import ExMeCallback, LMEvalEvaluator, pipeline, snapshots  # noqa: E402
 
-RUNS = ("lora", "full", "fsdp2")
+RUNS = ("lora", "full", "fsdp2", "zero3")
 
 
 class Probe:
@@ -83,9 +86,22 @@ def run(name: str, args: argparse.Namespace, splits, probe: Probe) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     folder = os.path.join(output_dir, "tasks")
-    selection = LMEvalEvaluator(write_tasks(folder, splits["selection"]), tokenizer, include_path=folder, batch_size=32)
+    selection = LMEvalEvaluator(
+        write_tasks(folder, splits["selection"]), tokenizer, include_path=folder, batch_size=32
+    )
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    sharded = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}} if name == "fsdp2" else {}
+    sharded = {}
+    if name == "fsdp2":
+        sharded = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}
+    elif name == "zero3":
+        auto = [
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+        ]
+        zero3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True}
+        sharded = {"deepspeed": {**dict.fromkeys(auto, "auto"), **zero3}}
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
@@ -122,7 +138,7 @@ def run(name: str, args: argparse.Namespace, splits, probe: Probe) -> dict:
         base, _ = load_model(args, splits)
         reloaded = PeftModel.from_pretrained(base, saved)
     else:
-        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype="auto")  # ZeRO-3 with bf16 trains bf16 weights
     reloaded_score, _ = exme._scorer(reloaded.to(device))
     return {
         "run": name,
@@ -157,8 +173,10 @@ def main() -> None:
         print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     for row in rows:
         if abs(row["reloaded score"] - row["report score"]) > 1e-6:
-            raise SystemExit(f"{row['run']}: the reloaded model scores {row['reloaded score']}, the report says "
-                             f"{row['report score']}")
+            raise SystemExit(
+                f"{row['run']}: the reloaded model scores {row['reloaded score']}, the report says "
+                f"{row['report score']}"
+            )
 
 
 if __name__ == "__main__":
