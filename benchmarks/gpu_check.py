@@ -133,6 +133,10 @@ def run(name: str, args: argparse.Namespace, splits, probe: Probe) -> dict:
         return {}
 
     report, saved = exme.report, os.path.join(output_dir, "exme")
+    if name == "zero3":  # else `from_pretrained` would partition the reloaded model too
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "lora":  # the chosen adapter over the trained run's base weights
         base, _ = load_model(args, splits)
