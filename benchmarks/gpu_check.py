@@ -143,7 +143,7 @@ def run(name: str, args: argparse.Namespace, splits, probe: Probe) -> dict:
         reloaded = PeftModel.from_pretrained(base, saved)
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype="auto")  # ZeRO-3 with bf16 trains bf16 weights
-    reloaded_score, _ = exme._scorer(reloaded.to(device))
+    reloaded_score, *_ = exme._scorer(reloaded.to(device))
     return {
         "run": name,
         "chosen": " ".join([report.final.kind, *(f"{k}={v:g}" for k, v in report.final.hyper.items())]),

@@ -212,13 +212,14 @@ class ExMeCallback(TrainerCallback):
         step = state.global_step
         if step == 0 and (not self.evaluate_base or self._base is not None):
             return
-        score, metrics, fresh = self._scorer.evaluation(model, metrics or {})
+        score, metrics, items, fresh = self._scorer.evaluation(model, metrics or {})
         if fresh and self.trainer is not None:  # the trainer logged its own evaluation; this one is the callback's
             self.trainer.log({f"exme/checkpoint/{k}": v for k, v in {"score": score, **metrics}.items()})
         if step == 0:
-            self._score_base(model, score, metrics)
+            self._score_base(model, score, metrics, items)
             return
-        new = Checkpoint(step, score, metrics)
+        new = Checkpoint(step, score, metrics, items)
+        pipeline.check_items([new], self.settings)
         if not rank_checkpoints([new], self.objective.greater_is_better):
             logger.warning(f"ExMe: the evaluation at step {step} scored {score}; this checkpoint is not kept.")
             return
@@ -239,7 +240,7 @@ class ExMeCallback(TrainerCallback):
             info = {
                 "metric": self.objective.name,
                 "kept": [asdict(c) for c in self._kept],
-                "base": None if self._base is None else self._base.to_dict(),
+                "base": None if self._base is None else {**self._base.to_dict(), "items": self._base.items},
                 "base_model": pipeline.sources_of(kwargs["model"], [])["base_model"],  # read by `exme run`
             }
             save_state(self._store, folder, info, ["base", *(f"step-{c.step}" for c in self._kept)], self._shards)
@@ -294,11 +295,14 @@ class ExMeCallback(TrainerCallback):
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
-    def _score_base(self, model: torch.nn.Module, score: float | None = None, metrics: dict | None = None) -> None:
+    def _score_base(self, model: torch.nn.Module, score=None, metrics=None, items=None) -> None:
         """The Base row: its selection score (given, or evaluated now) and its held-out score."""
-        self._base = Candidate("base", (0.0,) * self.settings.top_k, score=score, metrics=metrics or {})
+        self._base = Candidate(
+            "base", (0.0,) * self.settings.top_k, score=score, metrics=metrics or {}, items=items or {}
+        )
         if score is None:
             self._scorer.score_into(model, self._base)
+        pipeline.check_items([self._base], self.settings)
         if self._heldout is not None:  # also checks the report evaluator's metrics before training
             self._heldout.score_into(model, self._base, heldout=True)
 

@@ -320,8 +320,8 @@ def _run(args) -> None:
         checkpoints = []
         for i, step in enumerate(steps):
             plane.apply(tuple(float(i == j) for j in range(k)))
-            score, metrics = scorer(model)
-            checkpoints.append(Checkpoint(step, score, metrics))
+            score, metrics, items = scorer(model)
+            checkpoints.append(Checkpoint(step, score, metrics, items))
             _say(f"Checkpoint step {step}: {scorer.objective.name} = {score:.6g}")
         plane.apply((0.0,) * k)
         base = scorer.score_into(model, Candidate("base", (0.0,) * k))

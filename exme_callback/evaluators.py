@@ -8,6 +8,16 @@ def evaluator(model):
     return {"accuracy": my_accuracy(model)}
 ```
 
+A metric may also be given item by item, as a list of per-item scores whose mean is the metric: the same items, in
+the same order, at every call. The report then gives every gain a confidence interval (`intervals`), and
+`min_gain="significant"` can tell a gain from noise. `LMEvalEvaluator` does this for every metric lm-eval averages
+over documents:
+
+```python
+def evaluator(model):
+    return {"accuracy": [float(my_prediction(model, x) == y) for x, y in dev_set]}
+```
+
 The `Objective` turns metrics into the selection score: one metric with its direction (the trainer's
 `metric_for_best_model` and `greater_is_better`), or the mean of several, like the ExMe paper's "overall
 performance".
@@ -123,6 +133,22 @@ class Objective:
         signs = {name: "-" if self._signed and not up else "" for name, up in self.metrics.items()}
         return "mean(" + ", ".join(signs[name] + name for name in self.metrics) + ")"
 
+    def gain_weights(self) -> dict[str, float]:
+        """Each metric's weight in a gain, `+1/M` or `-1/M` (lower is better): the gain of one evaluation over another
+        is `sum_m w_m * (a_m - b_m)`, positive when better."""
+        return {name: (1.0 if up else -1.0) / len(self.metrics) for name, up in self.metrics.items()}
+
+    def items(self, items: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+        """The per-item scores of this objective's metrics, by the objective's names; empty unless every metric has
+        them (an interval needs all of them)."""
+        found = {}
+        for name in self.metrics:
+            key = next((k for k in (name, f"eval_{name}") if k in items), None)
+            if key is None:
+                return {}
+            found[name] = list(items[key])
+        return found
+
     def values(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """The metrics this objective reads, by the name they were found under.
 
@@ -185,17 +211,29 @@ class Scorer:
     def __init__(self, evaluator: Evaluator, objective: Objective, name: str = "evaluator", trainer=None):
         self.evaluator, self.objective, self.name, self.trainer = evaluator, objective, name, trainer
 
-    def score(self, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
-        """The score of an evaluation's metrics, and the metrics kept for the report."""
+    def score(self, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+        """The score of an evaluation's metrics, the metrics kept for the report, and the per-item scores of the
+        objective's metrics (empty unless the evaluator gave all of them item by item)."""
         if not isinstance(metrics, Mapping):
             raise TypeError(f"`{self.name}` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+        items = {key: self._items(key, value) for key, value in metrics.items() if _is_items(value)}
+        metrics = {**metrics, **{key: math.fsum(values) / len(values) for key, values in items.items()}}
         try:
-            return self.objective(metrics), numeric_metrics(metrics)
+            return self.objective(metrics), numeric_metrics(metrics), self.objective.items(items)
         except KeyError as error:
             raise KeyError(f"ExMe: {error.args[0]}") from None
 
-    def __call__(self, model: torch.nn.Module) -> tuple[float, dict[str, float]]:
-        """Evaluate the live model: `(score, metrics)`."""
+    def _items(self, key: str, values) -> list[float]:
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        if not values or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+            raise TypeError(
+                f"`{self.name}` gave `{key}` as a list: it must be a non-empty list of per-item scores (numbers), "
+                f"got {values[:5]!r}{'...' if len(values) > 5 else ''}"
+            )
+        return [float(v) for v in values]
+
+    def __call__(self, model: torch.nn.Module) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+        """Evaluate the live model: `(score, metrics, items)` (see `score`)."""
         was_training = model.training
         try:
             with muted(self.trainer) if self.trainer is not None else contextlib.nullcontext():
@@ -204,10 +242,10 @@ class Scorer:
             model.train(was_training)
         return self.score(metrics)
 
-    def evaluation(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float], bool]:
-        """The score of a training evaluation: from the trainer's own `metrics` when the evaluator would compute
-        the same (`reuses_training_scores`), else from evaluating the live model. The last item says which
-        (`True`: evaluated now)."""
+    def evaluation(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> tuple[float, dict, dict, bool]:
+        """The score, metrics and per-item scores of a training evaluation: from the trainer's own `metrics` when the
+        evaluator would compute the same (`reuses_training_scores`), else from evaluating the live model. The last
+        item says which (`True`: evaluated now)."""
         if getattr(self.evaluator, "reuses_training_scores", False):
             return (*self.score(metrics), False)
         return (*self(model), True)
@@ -215,14 +253,19 @@ class Scorer:
     def score_into(self, model: torch.nn.Module, candidate, heldout: bool = False):
         """Evaluate the live model into `candidate`'s selection fields (its held-out ones with `heldout=True`); a
         non-finite selection score marks the candidate as not choosable."""
-        score, metrics = self(model)
+        score, metrics, items = self(model)
         if heldout:
-            candidate.heldout_score, candidate.heldout_metrics = score, metrics
+            candidate.heldout_score, candidate.heldout_metrics, candidate.heldout_items = score, metrics, items
         else:
-            candidate.score, candidate.metrics = score, metrics
+            candidate.score, candidate.metrics, candidate.items = score, metrics, items
             if not math.isfinite(score):
                 candidate.error = f"non-finite score {score}"
         return candidate
+
+
+def _is_items(value) -> bool:
+    """Whether a metric's value is given item by item (a list, tuple or 1-D tensor)."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim == 1)
 
 
 def _default_direction(name: str) -> bool:
@@ -282,7 +325,9 @@ class LMEvalEvaluator:
     lm-eval's progress bars are hidden: they would print once per candidate.
 
     The metrics are named `"{task}/{metric}"` (`"{task}/{metric},{filter}"` for filters other than `"none"`), and
-    `directions` tells each one's direction (lm-eval's `higher_is_better`). Used as the callback's evaluator with
+    `directions` tells each one's direction (lm-eval's `higher_is_better`). Metrics that lm-eval averages over
+    documents (accuracy, exact match) are returned document by document (lm-eval's logged samples, in document
+    order), so the report can give their gains confidence intervals. Used as the callback's evaluator with
     `metrics=None`, the selection score is the mean of all of them, like the "Average" column of the ExMe paper.
 
     Args:
@@ -370,7 +415,7 @@ class LMEvalEvaluator:
                     task_dict=self._tasks,
                     limit=self.limit,
                     bootstrap_iters=0,
-                    log_samples=False,
+                    log_samples=True,
                     apply_chat_template=self.apply_chat_template,
                     fewshot_as_multiturn=self.apply_chat_template,
                 )
@@ -383,7 +428,22 @@ class LMEvalEvaluator:
                 name = _metric_name(task, metric, filter_name)
                 if name in self.directions:
                     metrics[name] = float(value)
-        return metrics
+        return {**metrics, **self._per_item(output.get("samples") or {})}
+
+    def _per_item(self, samples: Mapping[str, list[dict]]) -> dict[str, list[float]]:
+        """The per-document scores of every metric lm-eval aggregates by their mean, in document order: their
+        mean is the metric."""
+        from lm_eval.api.metrics import mean
+
+        items: dict[str, list[float]] = {}
+        for task, logged in samples.items():
+            averaged = {m for m, f in self._tasks["tasks"][task].aggregation().items() if f is mean}
+            for sample in sorted(logged, key=lambda sample: sample["doc_id"]):  # stable: filters stay apart
+                for metric in averaged & set(sample["metrics"]):
+                    name = _metric_name(task, metric, sample["filter"])
+                    if name in self.directions and isinstance(sample[metric], Real):
+                        items.setdefault(name, []).append(float(sample[metric]))
+        return items
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import sharding
 from .arithmetic import DensePlane, Plane, Point, StateDict
 from .evaluators import Scorer, preserved_rng
+from .intervals import gain_interval
 from .kinship import METRICS, Gram
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
@@ -50,6 +51,7 @@ from .snapshots import trainable_tensors
 
 __all__ = [
     "apply",
+    "check_items",
     "check_model",
     "check_trainer_run",
     "check_writable",
@@ -127,6 +129,17 @@ def check_model(model: torch.nn.Module, save_merged: bool = False, settings: Sea
     if not trainable_tensors(model):
         raise ValueError(
             "ExMe found no trainable parameters in the model (all have `requires_grad=False`): nothing to extrapolate."
+        )
+
+
+def check_items(evaluations: Sequence[Checkpoint | Candidate], settings: SearchSettings) -> None:
+    """Refuse `min_gain="significant"` when an evaluation has no per-item scores (checked on the first one, before
+    training, where the callback scores the base model)."""
+    if settings.min_gain == "significant" and not all(e.items for e in evaluations):
+        raise ValueError(
+            "`min_gain='significant'` compares candidates with the best checkpoint item by item, but the evaluator "
+            "gave aggregate scores only. Return per-item scores (a list per metric; `LMEvalEvaluator` does), or "
+            "give `min_gain` a number."
         )
 
 
@@ -308,11 +321,14 @@ def run(
         columns=list(scorer.objective.metrics),
         sources=sources,
         strategy=settings.strategy,
+        confidence=settings.confidence,
+        min_gain=settings.min_gain,
     )
     if heldout is not None:
         report.heldout_metric = heldout.objective.name
         report.heldout_greater_is_better = heldout.objective.greater_is_better
         report.heldout_columns = list(heldout.objective.metrics)
+    check_items(checkpoints, settings)
     if n == 1:
         logger.warning(
             "ExMe: only one checkpoint was evaluated; extrapolating it (EXPO) without a merge. Evaluate more often "
@@ -343,8 +359,10 @@ def run(
         report.kinship = {"checkpoints": {metric: gram.matrix(metric) for metric in METRICS}, "pairs": []}
         # 1. The search (and the paper's baselines, for the report).
         _search(score, checkpoints, gram, settings, report)
-        # 2. The choice, and the kinship of what was merged.
-        report.final = choose(report.candidates, report.greater_is_better, settings.choose_from)
+        # 2. The gains' confidence intervals (from per-item scores), the choice, the kinship of what was merged.
+        rows = [*report.candidates, *([base] if base is not None else [])]
+        _intervals(rows, report.best_sft, scorer.objective, settings)
+        report.final = choose(report.candidates, report.greater_is_better, settings.choose_from, settings.min_gain)
         report.kinship["pairs"] = _merged_pairs(report, gram)
         # 3. The held-out scores of the table's rows.
         if heldout is not None:
@@ -354,6 +372,7 @@ def run(
             for candidate in rows:
                 evaluate(candidate, heldout, heldout=True)
                 progress.update()
+            _intervals([c for _, c in report.rows()], report.best_sft, heldout.objective, settings, heldout=True)
         # 4. The chosen model, saved.
         apply(plane, report.final, order, settings.seed)
         with publish_dir(destination, write=write) as folder:
@@ -416,6 +435,31 @@ def _search(score, checkpoints: Sequence[Checkpoint], gram: Gram, settings: Sear
         topk_greedy(score, checkpoints, kinship, settings.top_k, settings.budget, gib, results, metric == "euclidean")
     if settings.baselines:
         sweep_baselines(score, checkpoints, settings.betas, DEFAULT_DENSITIES, results=results)
+
+
+def _intervals(
+    candidates: Sequence[Candidate],
+    reference: Candidate | None,
+    objective,
+    settings: SearchSettings,
+    heldout: bool = False,
+) -> None:
+    """Set each candidate's confidence interval of its gain over `reference` (the best checkpoint), where both have
+    per-item scores: of the selection score, or of the held-out score."""
+    field = "heldout_items" if heldout else "items"
+    if reference is None or not getattr(reference, field):
+        return
+    for candidate in candidates:
+        scored = (candidate.heldout_score if heldout else candidate.score) is not None
+        if candidate is not reference and scored and getattr(candidate, field):
+            interval = gain_interval(
+                getattr(candidate, field),
+                getattr(reference, field),
+                objective.gain_weights(),
+                settings.confidence,
+                seed=settings.seed,
+            )
+            setattr(candidate, "heldout_interval" if heldout else "interval", interval)
 
 
 def _merged_pairs(report: Report, gram: Gram) -> list[dict]:

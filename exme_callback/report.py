@@ -54,6 +54,8 @@ class Report:
     sources: dict = field(default_factory=dict)
     kinship: dict = field(default_factory=dict)  # {"checkpoints": {metric: k x k}, "pairs": [{...}, ...]}
     strategy: str = "exme"
+    confidence: float = 0.95  # the level of the gains' intervals (`Candidate.interval`)
+    min_gain: float | str | None = None  # the choice's threshold over the best checkpoint, if any
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -121,6 +123,8 @@ class Report:
             "sources": dict(self.sources),
             "kinship": dict(self.kinship),
             "strategy": self.strategy,
+            "confidence": self.confidence,
+            "min_gain": self.min_gain,
         }
 
     def to_markdown(self) -> str:
@@ -141,6 +145,7 @@ class Report:
                 else []
             ),
             "Gains (Δ) are against the best SFT checkpoint, positive when better.",
+            *self._interval_lines(),
             "",
             *(
                 [f"**The sweep failed** after {len(self.candidates)} candidates: {self.error}", ""]
@@ -159,11 +164,13 @@ class Report:
         for label, c in self.rows():
             cells = [label, _hyper(c), *(_number(c.coefficient(i)) for i in range(k))]
             cells += [_number(_metric(c.metrics, name)) for name in columns]
-            cells += [_number(c.score), _gain(c.score, reference and reference.score, self.greater_is_better)]
+            gain = _gain(c.score, reference and reference.score, self.greater_is_better)
+            cells += [_number(c.score), gain + _interval(c.interval)]
             if heldout:
                 cells += [_number(_metric(c.heldout_metrics, name)) for name in heldout_columns]
                 ref = reference and reference.heldout_score
-                cells += [_number(c.heldout_score), _gain(c.heldout_score, ref, self.heldout_greater_is_better)]
+                gain = _gain(c.heldout_score, ref, self.heldout_greater_is_better)
+                cells += [_number(c.heldout_score), gain + _interval(c.heldout_interval)]
             lines.append("| " + " | ".join(cells) + " |")
         skipped = [c for c in self.candidates if not c.valid]
         if skipped:
@@ -173,6 +180,27 @@ class Report:
         if self.saved:
             lines += ["", "Saved: " + ", ".join(f"{k} in `{v}`" for k, v in self.saved.items()) + "."]
         return "\n".join(lines) + "\n"
+
+    def _interval_lines(self) -> list[str]:
+        """How to read the intervals in brackets, or why there are none."""
+        scores = [("selection", "interval")] + ([("held-out", "heldout_interval")] if self.heldout_metric else [])
+        lines = []
+        for name, attribute in scores:
+            if any(getattr(c, attribute) is not None for _, c in self.rows()):
+                lines.append(
+                    f"[low, high] after a {name} gain: its {self.confidence:.0%} confidence interval (paired "
+                    "bootstrap over the evaluation's items, seeded); a gain whose interval contains 0 is within the "
+                    "noise."
+                )
+            else:
+                lines.append(
+                    f"No confidence interval for the {name} gains: the evaluator gave aggregate scores only (return "
+                    "per-item scores, as `LMEvalEvaluator` does, to get them)."
+                )
+        if self.min_gain is not None:
+            rule = "above zero" if self.min_gain == "significant" else f"above {self.min_gain:g}"
+            lines.append(f"Chosen with `min_gain={self.min_gain!r}`: a candidate only if its gain is {rule}.")
+        return lines
 
     def _generation_lines(self) -> list[str]:
         """Top-k greedy merging: each merge with its generation, parents, their kinship and its score."""
@@ -204,7 +232,8 @@ class Report:
 
     def plot(self, path: str) -> None:
         """The sweep's figure (the ExMe paper's Figures 5 and 6): score against alpha for each checkpoint, and
-        score against beta, with the SFT and EXPO scores as reference lines."""
+        score against beta, with the SFT and EXPO scores as reference lines, and error bars from the gains'
+        confidence intervals where there are per-item scores."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -218,20 +247,19 @@ class Report:
         rows = dict(self.rows())
         for i, color in zip(range(len(self.checkpoints)), ("tab:blue", "tab:orange")):
             alpha = ("alpha1", "alpha2")[i]
-            points = sorted(
-                (getattr(c, alpha), c.score)
-                for c in self.candidates
-                if c.kind == "expo" and c.valid and getattr(c, alpha) is not None
-            )
-            if points:
-                left.plot(*zip(*points), marker="o", color=color, label=f"EXPO-{i + 1}")
+            expo = [c for c in self.candidates if c.kind == "expo" and c.valid and getattr(c, alpha) is not None]
+            expo.sort(key=lambda c: getattr(c, alpha))
+            if expo:
+                x = [getattr(c, alpha) for c in expo]
+                left.errorbar(x, *self._with_errors(expo), marker="o", capsize=3, color=color, label=f"EXPO-{i + 1}")
             if f"SFT-{i + 1}" in rows:
                 left.axhline(rows[f"SFT-{i + 1}"].score, color=color, linestyle="--", label=f"SFT-{i + 1}")
         left.set(xlabel="alpha", ylabel=ylabel, title="Extrapolation (EXPO)")
         left.legend()
-        merges = sorted((c.beta, c.score) for c in self.candidates if c.kind == "exme" and c.valid)
+        merges = sorted((c for c in self.candidates if c.kind == "exme" and c.valid), key=lambda c: c.beta)
         if merges:
-            right.plot(*zip(*merges), marker="o", color="tab:green", label="ExMe")
+            x = [c.beta for c in merges]
+            right.errorbar(x, *self._with_errors(merges), marker="o", capsize=3, color="tab:green", label="ExMe")
         mixups = sorted((c.hyper["lambda"], c.score) for c in self.candidates if c.kind == "mixup" and c.valid)
         if mixups:
             right.plot(*zip(*mixups), marker="s", linestyle="none", color="tab:purple", label="M^3 draws")
@@ -245,6 +273,19 @@ class Report:
         right.legend()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+    def _with_errors(self, candidates: Sequence[Candidate]) -> tuple[list[float], list[list[float]] | None]:
+        """The candidates' scores and, where their gains have intervals, the error bars those put around the scores
+        (the best checkpoint's score plus the interval, in the score's direction)."""
+        scores = [c.score for c in candidates]
+        reference = self.best_sft
+        if reference is None or any(c.interval is None for c in candidates):
+            return scores, None
+        sign = 1.0 if self.greater_is_better else -1.0
+        ends = [sorted(reference.score + sign * end for end in c.interval) for c in candidates]
+        below = [max(0.0, score - low) for score, (low, _) in zip(scores, ends)]
+        above = [max(0.0, high - score) for score, (_, high) in zip(scores, ends)]
+        return scores, [below, above]
 
     def mergekit_recipe(self) -> str | None:
         """The chosen model as a mergekit `task_arithmetic` configuration: `base + sum_i c_i * (checkpoint_i - base)`
@@ -372,6 +413,10 @@ def _gain(value: float | None, reference: float | None, greater_is_better: bool)
         return "-"
     sign = 1.0 if greater_is_better else -1.0
     return _number(sign * (value - reference) + 0.0, signed=True)  # + 0.0: no "-0.0000" for equal scores
+
+
+def _interval(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f" [{interval[0]:+.4f}, {interval[1]:+.4f}]"
 
 
 def _hyper(c: Candidate) -> str:

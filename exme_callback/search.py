@@ -22,6 +22,8 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from .intervals import check_level
+
 __all__ = [
     "CHOOSE_FROM",
     "DEFAULT_ALPHAS",
@@ -59,11 +61,13 @@ EXME_HYPER = ("alpha1", "alpha2", "beta")
 
 @dataclass
 class Checkpoint:
-    """A training evaluation: the global step, its selection score and the metrics it came from."""
+    """A training evaluation: the global step, its selection score, the metrics it came from and, when the evaluator
+    gives them, the per-item scores of the score's metrics (for confidence intervals)."""
 
     step: int
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
+    items: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +88,10 @@ class Candidate:
             is never chosen.
         heldout_score (`float`, *optional*): the report evaluator's score (rows of the final table only), with
             `heldout_metrics`.
+        items, heldout_items (`dict[str, list[float]]`, *optional*): the per-item scores of the selection and
+            held-out scores' metrics, when the evaluators give them (kept in memory, not in the report's JSON).
+        interval, heldout_interval (`tuple[float, float]`, *optional*): the confidence interval of the gain over the
+            best checkpoint (positive when better), from the per-item scores (`intervals.gain_interval`).
 
     With two kept checkpoints the ExMe paper's names read the fields: `c1`, `c2`, `step1`, `step2`, `alpha1`,
     `alpha2`, `beta`.
@@ -99,12 +107,19 @@ class Candidate:
     heldout_score: float | None = None
     heldout_metrics: dict[str, float] = field(default_factory=dict)
     parents: tuple[int, ...] = ()  # Top-k greedy: the positions of the merged candidates in the results
+    items: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    heldout_items: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    interval: tuple[float, float] | None = None
+    heldout_interval: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.coefficients is not None:
             self.coefficients = tuple(float(c) for c in self.coefficients)
         self.steps = tuple(self.steps)
         self.parents = tuple(self.parents)
+        for name in ("interval", "heldout_interval"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
 
     @property
     def valid(self) -> bool:
@@ -142,7 +157,7 @@ class Candidate:
         """The JSON form: the fields, plus `c1, c2, ...`, `step1, step2, ...` and the ExMe paper's `alpha1`,
         `alpha2`, `beta` flat, for readers of the report."""
         k = max(2, len(self.steps), len(self.coefficients or ()))
-        data = asdict(self)
+        data = {k: v for k, v in asdict(self).items() if k not in ("items", "heldout_items")}
         data["coefficients"] = None if self.coefficients is None else list(self.coefficients)
         data["steps"] = list(self.steps)
         data["parents"] = list(self.parents)
@@ -192,7 +207,12 @@ class SearchSettings:
         dare (`float`, *optional*): M^3 with DARE: each task vector keeps this fraction of its entries (at random,
             rescaled, seeded) before the mixup; in (0, 1]. Such merges are off the span: saved as full models.
         budget (`int`, *optional*): `"topk_greedy"`: the most merges evaluated.
-        seed (`int`, *optional*, defaults to 0): the seed of the draws and of the DARE masks.
+        seed (`int`, *optional*, defaults to 0): the seed of the draws, of the DARE masks and of the bootstrap.
+        confidence (`float`, *optional*, defaults to 0.95): the level of the gains' confidence intervals, in (0, 1).
+        min_gain (`float` or `str`, *optional*): keep the best checkpoint unless a candidate beats it by more than
+            this: a gain of the selection score (>= 0, in its units), or `"significant"`: the gain's confidence
+            interval is above zero (needs per-item scores). The best candidate that clears it is chosen. Defaults
+            to the paper's plain argmax.
     """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
@@ -210,6 +230,8 @@ class SearchSettings:
     dare: float | None = None
     budget: int | None = None
     seed: int = 0
+    confidence: float = 0.95
+    min_gain: float | str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0))
@@ -247,6 +269,13 @@ class SearchSettings:
             )
         if _not_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "confidence", check_level(self.confidence))
+        if self.min_gain is not None and self.min_gain != "significant":
+            if _not_real(self.min_gain) or not 0 <= self.min_gain < math.inf:
+                raise ValueError(
+                    "`min_gain` must be a number >= 0 (a gain of the selection score) or 'significant', got "
+                    f"{self.min_gain!r}"
+                )
         if (self.baselines or self.dare is not None) and importlib.util.find_spec("peft") is None:
             raise ImportError(
                 "TIES and DARE merges (`baselines=True`, `dare=`) use PEFT: `pip install 'exme-callback[peft]'`."
@@ -327,16 +356,34 @@ def rank_checkpoints(
     return ranked if keep is None else ranked[:keep]
 
 
-def choose(candidates: Sequence[Candidate], greater_is_better: bool, choose_from: str = "all") -> Candidate:
+def choose(
+    candidates: Sequence[Candidate],
+    greater_is_better: bool,
+    choose_from: str = "all",
+    min_gain: float | str | None = None,
+) -> Candidate:
     """The final model: the best valid candidate among `CHOOSE_FROM[choose_from]`.
 
     `"all"` picks among the checkpoints, EXPO and ExMe candidates, so the result is never worse than the best
     checkpoint on the selection score; `"exme"` picks the best ExMe merge, as the paper reports it, and falls back
     to `"all"` (with a warning) when no merge was scored. Baselines are never chosen. When no candidate has a
     finite score, the first checkpoint is kept.
+
+    With `min_gain` the best checkpoint is kept unless a candidate beats it by more than `min_gain` (a gain of the
+    selection score), or with `"significant"` unless the confidence interval of its gain (`Candidate.interval`) is
+    above zero; the best candidate that does is chosen.
     """
     if choose_from not in CHOOSE_FROM:
         raise ValueError(f"`choose_from` must be one of {tuple(CHOOSE_FROM)}, got {choose_from!r}")
+    reference = best(candidates, greater_is_better, kinds=("sft",))
+    if min_gain is not None and reference is not None:
+        sign = 1.0 if greater_is_better else -1.0
+        if min_gain == "significant":
+            clears = lambda c: c.interval is not None and c.interval[0] > 0  # noqa: E731
+        else:
+            clears = lambda c: sign * (c.score - reference.score) > min_gain  # noqa: E731
+        cleared = [c for c in candidates if c.valid and clears(c)]
+        return best(cleared, greater_is_better, kinds=CHOOSE_FROM[choose_from]) or reference
     final = best(candidates, greater_is_better, kinds=CHOOSE_FROM[choose_from])
     if final is None and choose_from != "all":
         logger.warning("ExMe: no ExMe merge was scored (one checkpoint, or none finite); choosing among all.")
@@ -369,7 +416,13 @@ def checkpoint_rows(checkpoints: Sequence[Checkpoint]) -> list[Candidate]:
     when they were evaluated."""
     steps = [c.step for c in checkpoints]
     return [
-        Candidate("sft", **_point(len(steps), steps, **{f"c{i + 1}": 1.0}), score=c.score, metrics=dict(c.metrics))
+        Candidate(
+            "sft",
+            **_point(len(steps), steps, **{f"c{i + 1}": 1.0}),
+            score=c.score,
+            metrics=dict(c.metrics),
+            items=dict(c.items),
+        )
         for i, c in enumerate(checkpoints)
     ]
 

@@ -97,8 +97,8 @@ def test_lm_eval_multiple_choice_accuracy_matches_a_direct_computation(lm_eval_t
     assert evaluator.directions == {"toy_choice/acc": True, "toy_generate/exact_match": True}
     assert set(metrics) == set(evaluator.directions)
 
-    # acc = the share of questions whose label has the highest log-likelihood of continuation " {choice}".
-    correct = 0
+    # acc, document by document: whether the label has the highest log-likelihood of continuation " {choice}".
+    correct = []
     rows = [json.loads(line) for line in (folder / "toy_choice.jsonl").read_text().splitlines()]
     for row in rows:
         scores = []
@@ -108,9 +108,9 @@ def test_lm_eval_multiple_choice_accuracy_matches_a_direct_computation(lm_eval_t
             with torch.no_grad():
                 logprobs = model(torch.tensor([full])).logits.log_softmax(-1)[0]
             scores.append(sum(logprobs[i - 1, full[i]].item() for i in range(len(context), len(full))))
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
-    assert metrics["toy_choice/acc"] == pytest.approx(correct / len(rows))
-    assert 0.0 <= metrics["toy_generate/exact_match"] <= 1.0
+        correct.append(float(max(range(len(scores)), key=scores.__getitem__) == row["label"]))
+    assert metrics["toy_choice/acc"] == correct  # per document, in document order: the score is their mean
+    assert len(metrics["toy_generate/exact_match"]) == 4 and set(metrics["toy_generate/exact_match"]) <= {0.0, 1.0}
 
 
 def test_lm_eval_evaluator_is_repeatable_and_leaves_rng_mode_and_lm_eval_alone(lm_eval_tasks):
