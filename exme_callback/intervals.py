@@ -29,7 +29,6 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
 
@@ -97,8 +96,3 @@ def gain_interval(
     tail = (1.0 - level) / 2
     low, high = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return low, high
-
-
-def mean(values: Sequence[float]) -> float:
-    """The mean of per-item scores (an exact sum: the same value however the items are ordered)."""
-    return math.fsum(values) / len(values)

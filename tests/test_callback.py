@@ -444,6 +444,15 @@ def test_quantized_models_are_refused(tmp_path, regression):
         callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
 
 
+def test_a_significant_choice_without_per_item_scores_is_refused_before_training(tmp_path, regression):
+    model, train_data, eval_data = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data)
+    callback = ExMeCallback(trainer, min_gain="significant")  # the trainer's evaluation: aggregate metrics
+    with pytest.raises(ValueError, match="`min_gain='significant'`.*aggregate scores only"):
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    assert trainer.state.global_step == 0
+
+
 def test_fsdp1_is_refused(tmp_path, regression, monkeypatch):
     model, train_data, eval_data = regression
     trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data)

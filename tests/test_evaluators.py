@@ -5,7 +5,7 @@ import torch
 from conftest import regression_args
 from transformers import Trainer, TrainerCallback
 
-from exme_callback.evaluators import Objective, TrainerEvaluator, numeric_metrics
+from exme_callback.evaluators import Objective, Scorer, TrainerEvaluator, numeric_metrics
 
 
 def test_objective_defaults_follow_the_trainer():
@@ -341,3 +341,23 @@ def test_lm_eval_evaluator_hides_only_hflm_live_model_warnings(lm_eval_tasks, ca
         assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["another warning"]
         HFLM(pretrained=make_llama(seed=7), tokenizer=tokenizer, batch_size=1)  # outside the evaluator: shows
     assert len(live_model_warnings()) == 2
+
+
+def test_per_item_scores_are_averaged_and_kept_for_the_objective():
+    def evaluator(model):
+        return {"eval_acc": [1, 0, 1, 1], "eval_loss": torch.tensor([0.5, 1.5]), "eval_other": 3.0}
+
+    scorer = Scorer(evaluator, Objective({"acc": True, "loss": False}))
+    score, metrics, items = scorer(torch.nn.Linear(1, 1))
+    assert metrics == {"eval_acc": 0.75, "eval_loss": 1.0, "eval_other": 3.0}
+    assert score == pytest.approx((0.75 - 1.0) / 2)  # mixed directions: the loss enters negated
+    assert items == {"acc": [1.0, 0.0, 1.0, 1.0], "loss": [0.5, 1.5]}  # by the objective's names
+    # An interval needs every metric of the score item by item: one aggregate metric leaves none.
+    assert Scorer(evaluator, Objective({"acc": True, "other": True}))(torch.nn.Linear(1, 1))[2] == {}
+
+
+@pytest.mark.parametrize("values", [[], ["yes", "no"], [True, False]])
+def test_malformed_per_item_scores_name_the_evaluator_and_metric(values):
+    scorer = Scorer(lambda model: {"acc": values}, Objective({"acc": True}), name="report_evaluator")
+    with pytest.raises(TypeError, match="`report_evaluator` gave `acc` as a list: it must be a non-empty list"):
+        scorer(torch.nn.Linear(1, 1))

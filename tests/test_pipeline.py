@@ -349,3 +349,63 @@ def test_kinship_partner_skips_a_near_copy_of_the_best():
     assert pipeline.search_order(kept, gram, strict) == [0, 1, 2]  # none below: the second best, with a warning
     far = SearchSettings(partner="kinship", top_k=3, kinship_metric="euclidean", kinship_threshold=1.0)
     assert pipeline.search_order(kept, gram, far) == [0, 2, 1]  # distance 0.14 to the near-copy, 4.5 to the other
+
+
+# ---- per-item scores: intervals and min_gain ---------------------------------------------------------------------
+
+NOISE = (0.3, -0.3, 0.1, -0.1, 0.2, -0.2)  # per-item noise of mean zero: the items' mean is the closed form
+
+
+def closeness_items(a: float, b: float) -> list[float]:
+    return [closeness(a, b) + e for e in NOISE]
+
+
+def per_item_run(tmp_path, evaluator, items=True, **settings):
+    model = trained_model()
+    plane = DensePlane(trainable_tensors(model), BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    checkpoints = [
+        Checkpoint(step, closeness(*point(*c)), items={"closeness": closeness_items(*point(*c))} if items else {})
+        for step, c in ((10, (1, 0)), (20, (0, 1)))
+    ]
+    scorer = Scorer(evaluator, Objective({"closeness": True}))
+    settings = SearchSettings(alphas=ALPHAS, betas=BETAS, **settings)
+    destination = str(tmp_path / "exme")
+    return pipeline.run(model, plane, checkpoints, scorer, destination, settings=settings, show_progress=False)
+
+
+def test_per_item_scores_give_every_gain_its_paired_interval(tmp_path):
+    """Each item moves with the model by the same amount (the noise is the item's own): every paired difference is
+    the gain, so every interval is the gain itself, at any level. An unpaired comparison would be 0.2 wide."""
+    report = per_item_run(tmp_path, lambda model: {"closeness": closeness_items(*closeness_weights(model))})
+    reference = report.best_sft
+    for candidate in report.candidates:
+        assert candidate.score == pytest.approx(closeness(*point(*candidate.coefficients)), rel=1e-5, abs=1e-6)
+        if candidate is reference:
+            assert candidate.interval is None
+            continue
+        gain = candidate.score - reference.score
+        assert candidate.interval == pytest.approx((gain, gain), abs=1e-6)
+    written = json.loads((tmp_path / "exme" / "exme_report.json").read_text())
+    assert written["confidence"] == 0.95 and written["min_gain"] is None
+    assert written["final"]["interval"] == pytest.approx(list(report.final.interval))
+    assert "items" not in written["final"]  # kept in memory only
+    markdown = (tmp_path / "exme" / "exme_report.md").read_text()
+    low, high = report.final.interval
+    assert f"[{low:+.4f}, {high:+.4f}]" in markdown and "95% confidence interval (paired bootstrap" in markdown
+
+
+def test_min_gain_keeps_the_checkpoint_when_no_candidate_clears_it(tmp_path):
+    evaluator = lambda model: {"closeness": closeness_items(*closeness_weights(model))}  # noqa: E731
+    report = per_item_run(tmp_path, evaluator, min_gain=10.0)
+    assert report.final is report.best_sft and report.final.kind == "sft"
+    assert "Chosen with `min_gain=10.0`: a candidate only if its gain is above 10." in report.to_markdown()
+    significant = per_item_run(tmp_path, evaluator, min_gain="significant")
+    assert significant.final.kind == "exme"  # every gain here is exact: the argmax clears zero
+
+
+def test_aggregate_scores_say_no_interval_and_refuse_a_significant_choice(tmp_path):
+    report = regression_run(trained_model(), tmp_path, CountingEvaluator())
+    assert all(c.interval is None for c in report.candidates)
+    assert "No confidence interval for the selection gains" in report.to_markdown()
+    with pytest.raises(ValueError, match="`min_gain='significant'`.*aggregate scores only"):
+        per_item_run(tmp_path, CountingEvaluator(), items=False, min_gain="significant")

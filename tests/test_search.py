@@ -6,6 +6,7 @@ from exme_callback.search import (
     Candidate,
     Checkpoint,
     best,
+    choose,
     count_baselines,
     count_candidates,
     exme_coefficients,
@@ -274,6 +275,11 @@ def test_topk_greedy_reaches_a_known_optimum_explores_and_stops():
         ({"partner": "random"}, "`partner` must be one of"),
         ({"budget": 0}, "`budget` must be an integer >= 1"),
         ({"partner": "kinship"}, "set `top_k` >= 3"),
+        ({"confidence": 1.0}, r"`confidence` must be a number in \(0, 1\)"),
+        ({"confidence": "95%"}, "`confidence`"),
+        ({"min_gain": -0.01}, "`min_gain` must be a number >= 0"),
+        ({"min_gain": "noise"}, "or 'significant'"),
+        ({"min_gain": float("inf")}, "`min_gain`"),
     ],
 )
 def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):
@@ -296,3 +302,23 @@ def test_topk_greedy_explores_with_the_farthest_model_for_a_distance():
     explored = [c for c in results if c.hyper.get("exploration")]
     assert [c.parents for c in explored] == [(3, 1)]  # the farthest from the best: step 20, at distance 1.22
     assert explored[0].hyper["kinship"] == pytest.approx(math.dist((0.5, 0.0, 0.5), (0.0, 1.0, 0.0)))
+
+
+def test_min_gain_keeps_the_best_checkpoint_unless_a_candidate_clears_it():
+    sft = [Candidate("sft", (1.0, 0.0), score=0.70), Candidate("sft", (0.0, 1.0), score=0.60)]
+    expo = Candidate("expo", (1.2, 0.0), score=0.74, interval=(-0.01, 0.09))  # the argmax, within the noise
+    exme = Candidate("exme", (0.6, 0.5), score=0.73, interval=(0.01, 0.05))  # smaller, but clear of it
+    candidates = [*sft, expo, exme]
+    assert choose(candidates, True) is expo  # the paper's argmax
+    assert choose(candidates, True, min_gain=0.0) is expo
+    assert choose(candidates, True, min_gain=0.035) is expo  # gains 0.04 and 0.03
+    assert choose(candidates, True, min_gain=0.05) is sft[0]
+    assert choose(candidates, True, min_gain="significant") is exme
+    assert choose(candidates, True, "exme", min_gain="significant") is exme
+    exme.interval = (-0.02, 0.05)
+    assert choose(candidates, True, min_gain="significant") is sft[0]
+    assert choose(candidates, True, "exme", min_gain="significant") is sft[0]  # nothing clears: the checkpoint
+    # Lower is better: a gain is a decrease.
+    losses = [Candidate("sft", (1.0, 0.0), score=1.0), Candidate("expo", (1.1, 0.0), score=0.9)]
+    assert choose(losses, False, min_gain=0.05) is losses[1]
+    assert choose(losses, False, min_gain=0.2) is losses[0]
