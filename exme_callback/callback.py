@@ -91,7 +91,9 @@ class ExMeCallback(TrainerCallback):
         **search:
             The other search settings (`search.SearchSettings`): `strategy` (`"exme"`, `"mixup"` for M^3,
             `"topk_greedy"`), `top_k` (checkpoints kept, default 2), `partner="kinship"` with `kinship_metric` and
-            `kinship_threshold`, `beta_search="mixup"`, `mixup_a`, `mixup_draws`, `dare`, `budget`, `seed`.
+            `kinship_threshold`, `beta_search="mixup"`, `mixup_a`, `mixup_draws`, `dare`, `budget`, `seed`, and
+            the choice's `confidence` (the level of the gains' intervals, from per-item scores) and `min_gain` (a
+            number, or `"significant"`: keep the best checkpoint unless a candidate's gain clears it).
 
     Example:
 
@@ -295,7 +297,13 @@ class ExMeCallback(TrainerCallback):
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
-    def _score_base(self, model: torch.nn.Module, score=None, metrics=None, items=None) -> None:
+    def _score_base(
+        self,
+        model: torch.nn.Module,
+        score: float | None = None,
+        metrics: dict | None = None,
+        items: dict | None = None,
+    ) -> None:
         """The Base row: its selection score (given, or evaluated now) and its held-out score."""
         self._base = Candidate(
             "base", (0.0,) * self.settings.top_k, score=score, metrics=metrics or {}, items=items or {}
