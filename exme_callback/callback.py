@@ -154,6 +154,7 @@ class ExMeCallback(TrainerCallback):
         self.objective = None if metrics is None else Objective.from_spec(metrics)
         self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
         self.settings = SearchSettings(alphas, betas, choose_from, baselines, **search)
+        pipeline.check_racing(self.evaluator, self.settings)
         self.storage = storage
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end, self.save_merged, self.evaluate_base = load_exme_at_end, save_merged, evaluate_base

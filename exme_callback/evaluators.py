@@ -232,12 +232,13 @@ class Scorer:
             )
         return [float(v) for v in values]
 
-    def __call__(self, model: torch.nn.Module) -> tuple[float, dict[str, float], dict[str, list[float]]]:
-        """Evaluate the live model: `(score, metrics, items)` (see `score`)."""
+    def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> tuple:
+        """Evaluate the live model: `(score, metrics, items)` (see `score`); on a subset of the items (group -> item
+        indices, for racing) when `items` is given."""
         was_training = model.training
         try:
             with muted(self.trainer) if self.trainer is not None else contextlib.nullcontext():
-                metrics = self.evaluator(model)
+                metrics = self.evaluator(model) if items is None else self.evaluator(model, items=items)
         finally:
             model.train(was_training)
         return self.score(metrics)
@@ -398,7 +399,9 @@ class LMEvalEvaluator:
                     self.directions[_metric_name(name, metric, filter_name)] = bool(higher)
         self._lm = None  # lm-eval's wrapper of the live model, built on the first call
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> dict:
+        """The tasks' metrics on the live model (per document where lm-eval averages over documents); only the
+        documents `items` names (task -> document indices, ascending) when given, as racing asks."""
         from lm_eval.evaluator import evaluate
 
         if self.tokenizer is None:
@@ -413,7 +416,8 @@ class LMEvalEvaluator:
                 output = evaluate(
                     lm=self._lm,
                     task_dict=self._tasks,
-                    limit=self.limit,
+                    limit=self.limit if items is None else None,
+                    samples=None if items is None else {task: list(items[task]) for task in self._tasks["tasks"]},
                     bootstrap_iters=0,
                     log_samples=True,
                     apply_chat_template=self.apply_chat_template,

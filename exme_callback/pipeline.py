@@ -16,6 +16,7 @@ The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import tempfile
@@ -36,11 +37,13 @@ from .search import (
     DEFAULT_DENSITIES,
     Candidate,
     Checkpoint,
+    Racing,
     SearchSettings,
     checkpoint_rows,
     choose,
     count_baselines,
     count_candidates,
+    item_group,
     mixup_draws,
     sweep,
     sweep_baselines,
@@ -52,6 +55,7 @@ from .snapshots import trainable_tensors
 __all__ = [
     "apply",
     "check_items",
+    "check_racing",
     "check_model",
     "check_trainer_run",
     "check_writable",
@@ -133,13 +137,37 @@ def check_model(model: torch.nn.Module, save_merged: bool = False, settings: Sea
 
 
 def check_items(evaluations: Sequence[Checkpoint | Candidate], settings: SearchSettings) -> None:
-    """Refuse `min_gain="significant"` when an evaluation has no per-item scores (checked on the first one, before
-    training, where the callback scores the base model)."""
-    if settings.min_gain == "significant" and not all(e.items for e in evaluations):
+    """Refuse `min_gain="significant"` and `search="racing"` when an evaluation has no per-item scores (checked on
+    the first one, before training, where the callback scores the base model)."""
+    if all(e.items for e in evaluations):
+        return
+    if settings.min_gain == "significant":
         raise ValueError(
             "`min_gain='significant'` compares candidates with the best checkpoint item by item, but the evaluator "
             "gave aggregate scores only. Return per-item scores (a list per metric; `LMEvalEvaluator` does), or "
             "give `min_gain` a number."
+        )
+    if settings.search == "racing":
+        raise ValueError(
+            "`search='racing'` compares candidates item by item, but the evaluator gave aggregate scores only. "
+            "Return per-item scores (a list per metric; `LMEvalEvaluator` does), or use `search='grid'`."
+        )
+
+
+def check_racing(evaluator, settings: SearchSettings) -> None:
+    """Refuse `search="racing"` with an evaluator that cannot score a subset of its items (no `items` argument)."""
+    if settings.search != "racing":
+        return
+    try:
+        parameters = inspect.signature(evaluator).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature
+        parameters = []
+    if not any(p.name == "items" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        raise ValueError(
+            "`search='racing'` scores candidates on growing subsets of the items, but the evaluator takes no `items` "
+            "argument. Give an evaluator `fn(model, items=None)` that, when `items` maps each group of items (a "
+            "task, or the metric's name) to indices, scores only those (`LMEvalEvaluator` does), or use "
+            "`search='grid'`."
         )
 
 
@@ -323,6 +351,7 @@ def run(
         strategy=settings.strategy,
         confidence=settings.confidence,
         min_gain=settings.min_gain,
+        search=settings.search,
     )
     if heldout is not None:
         report.heldout_metric = heldout.objective.name
@@ -358,7 +387,13 @@ def run(
             sources["checkpoints"] = [sources["checkpoints"][i] for i in order]
         report.kinship = {"checkpoints": {metric: gram.matrix(metric) for metric in METRICS}, "pairs": []}
         # 1. The search (and the paper's baselines, for the report).
-        _search(score, checkpoints, gram, settings, report)
+        race = None
+        if settings.search == "racing":
+            applied = partial(apply, plane, order=order, seed=settings.seed)
+            race = _racing(model, checkpoints, scorer, settings, report.greater_is_better, applied)
+            race.evaluate = _counted(race.evaluate, progress)
+        _search(score, checkpoints, gram, settings, report, race)
+        _count_items(report, checkpoints, settings, race)
         # 2. The gains' confidence intervals (from per-item scores), the choice, the kinship of what was merged.
         rows = [*report.candidates, *([base] if base is not None else [])]
         _intervals(rows, report.best_sft, scorer.objective, settings)
@@ -403,6 +438,8 @@ def _count(settings: SearchSettings, n: int) -> int | None:
     """How many evaluations the search runs (None when the strategy decides as it goes)."""
     if settings.strategy == "topk_greedy":
         return settings.budget
+    if settings.search == "racing":  # the race decides how many candidates reach each round
+        return None
     if settings.strategy == "mixup":
         total = settings.mixup_draws if n >= 2 else 0
     else:
@@ -416,11 +453,13 @@ def _betas(settings: SearchSettings) -> Sequence[float]:
     return settings.betas
 
 
-def _search(score, checkpoints: Sequence[Checkpoint], gram: Gram, settings: SearchSettings, report: Report) -> None:
+def _search(
+    score, checkpoints: Sequence[Checkpoint], gram: Gram, settings: SearchSettings, report: Report, race=None
+) -> None:
     """Run the strategy, appending to `report.candidates` as candidates are scored."""
     results, gib = report.candidates, report.greater_is_better
     if settings.strategy == "exme":
-        sweep(score, checkpoints, settings.alphas, _betas(settings), gib, results=results)
+        sweep(score, checkpoints, settings.alphas, _betas(settings), gib, results=results, race=race)
     elif settings.strategy == "mixup":
         results += checkpoint_rows(checkpoints)
         if len(checkpoints) >= 2:
@@ -460,6 +499,40 @@ def _intervals(
                 seed=settings.seed,
             )
             setattr(candidate, "heldout_interval" if heldout else "interval", interval)
+
+
+def _racing(model, checkpoints: Sequence[Checkpoint], scorer: Scorer, settings: SearchSettings, gib, apply_to):
+    """The race of `search="racing"`: each candidate is applied with `apply_to` and scored on subsets of the items
+    of the kept checkpoints' evaluations (whose sizes it reads)."""
+    sizes = {item_group(metric): len(items) for metric, items in checkpoints[0].items.items()}
+
+    def evaluate(candidate: Candidate, request: dict[str, list[int]]) -> dict[str, list[float]]:
+        apply_to(candidate)
+        return scorer(model, items=request)[2]
+
+    weights = scorer.objective.gain_weights()
+    return Racing(evaluate, sizes, scorer.objective, weights, gib, settings.confidence, settings.seed)
+
+
+def _counted(evaluate, progress):
+    """`evaluate`, advancing the progress bar once per call."""
+
+    def counted(candidate, request):
+        items = evaluate(candidate, request)
+        progress.update()
+        return items
+
+    return counted
+
+
+def _count_items(report: Report, checkpoints: Sequence[Checkpoint], settings: SearchSettings, race) -> None:
+    """The item evaluations the ExMe search used, and those of its grid (every candidate on every item), when the
+    evaluations are per item."""
+    if not checkpoints[0].items or settings.strategy != "exme":
+        return
+    items = sum({item_group(m): len(v) for m, v in checkpoints[0].items.items()}.values())
+    report.grid_item_evaluations = count_candidates(len(checkpoints), settings.alphas, _betas(settings)) * items
+    report.item_evaluations = report.grid_item_evaluations if race is None else race.item_evaluations
 
 
 def _merged_pairs(report: Report, gram: Gram) -> list[dict]:

@@ -56,6 +56,9 @@ class Report:
     strategy: str = "exme"
     confidence: float = 0.95  # the level of the gains' intervals (`Candidate.interval`)
     min_gain: float | str | None = None  # the choice's threshold over the best checkpoint, if any
+    search: str = "grid"  # how each stage of the ExMe search was scored: "grid" or "racing"
+    item_evaluations: int | None = None  # items scored by the search (per-item evaluations only)
+    grid_item_evaluations: int | None = None  # what the full grid scores: every candidate on every item
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -125,6 +128,9 @@ class Report:
             "strategy": self.strategy,
             "confidence": self.confidence,
             "min_gain": self.min_gain,
+            "search": self.search,
+            "item_evaluations": self.item_evaluations,
+            "grid_item_evaluations": self.grid_item_evaluations,
         }
 
     def to_markdown(self) -> str:
@@ -197,6 +203,13 @@ class Report:
                     f"No confidence interval for the {name} gains: the evaluator gave aggregate scores only (return "
                     "per-item scores, as `LMEvalEvaluator` does, to get them)."
                 )
+        if self.search == "racing" and self.item_evaluations:
+            stopped = sum(1 for c in self.candidates if (c.error or "").startswith("stopped by racing"))
+            lines.append(
+                f"Racing: {self.item_evaluations:,} item evaluations, against {self.grid_item_evaluations:,} for the "
+                f"grid ({self.grid_item_evaluations / self.item_evaluations:.1f}x fewer); {stopped} candidates "
+                "stopped early, below the leader."
+            )
         if self.min_gain is not None:
             rule = "above zero" if self.min_gain == "significant" else f"above {self.min_gain:g}"
             lines.append(f"Chosen with `min_gain={self.min_gain!r}`: a candidate only if its gain is {rule}.")

@@ -1,6 +1,6 @@
 """The search on coefficient vectors: which candidates to evaluate, in which order, and which one wins.
 
-Pure Python: every candidate is a point `theta(c) = base + sum_i c_i * d_i` of the span of the kept checkpoints'
+No transformers: every candidate is a point `theta(c) = base + sum_i c_i * d_i` of the span of the kept checkpoints'
 task vectors `d_i = theta_i - base` (see `arithmetic`), and a search only asks a caller-supplied function for the
 score of each point. The ExMe search follows the paper, on the two best checkpoints:
 
@@ -9,8 +9,10 @@ score of each point. The ExMe search follows the paper, on the two best checkpoi
    alpha of each is kept.
 3. ExMe: `beta * EXPO_1 + (1 - beta) * EXPO_2` for every `beta` of the grid.
 
-Ranking the checkpoints of a run (`rank_checkpoints`) and the final choice (`choose`) live here too, so the callback
-and the `exme` command rank and choose the same way.
+Each stage (the alphas of EXPO-1, of EXPO-2, the betas) is a grid, or with `search="racing"` a race (`Racing`) that
+stops the candidates clearly below the leader on a subset of the items. Ranking the checkpoints of a run
+(`rank_checkpoints`) and the final choice (`choose`) live here too, so the callback and the `exme` command rank and
+choose the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .intervals import check_level
+import torch
+
+from .intervals import check_level, gain_interval
 
 __all__ = [
     "CHOOSE_FROM",
@@ -33,12 +37,15 @@ __all__ = [
     "Checkpoint",
     "SearchSettings",
     "best",
+    "RACING_ROUNDS",
+    "Racing",
     "checkpoint_rows",
     "choose",
     "count_baselines",
     "count_candidates",
     "exme_coefficients",
     "is_better",
+    "item_group",
     "mixup_draws",
     "rank_checkpoints",
     "sweep",
@@ -175,6 +182,7 @@ class Candidate:
 STRATEGIES = ("exme", "mixup", "topk_greedy")
 PARTNERS = ("next", "kinship")
 BETA_SEARCHES = ("grid", "mixup")
+SEARCHES = ("grid", "racing")
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,10 @@ class SearchSettings:
             this: a gain of the selection score (>= 0, in its units), or `"significant"`: the gain's confidence
             interval is above zero (needs per-item scores). The best candidate that clears it is chosen. Defaults
             to the paper's plain argmax.
+        search (`str`, *optional*, defaults to `"grid"`): how the ExMe strategy scores each stage (the alphas of
+            EXPO-1, of EXPO-2, the betas): `"grid"` scores every candidate on every item; `"racing"` scores them on
+            growing subsets of the items and stops those clearly below the leader (`Racing`); needs an evaluator
+            that scores a subset of its items.
     """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
@@ -232,6 +244,7 @@ class SearchSettings:
     seed: int = 0
     confidence: float = 0.95
     min_gain: float | str | None = None
+    search: str = "grid"
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0))
@@ -242,6 +255,7 @@ class SearchSettings:
             ("partner", PARTNERS),
             ("kinship_metric", ("pearson", "cosine", "euclidean")),
             ("beta_search", BETA_SEARCHES),
+            ("search", SEARCHES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
@@ -269,6 +283,8 @@ class SearchSettings:
             )
         if _not_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        if self.search == "racing" and self.strategy != "exme":
+            raise ValueError(f"`search='racing'` races the ExMe strategy's stages, not `strategy={self.strategy!r}`.")
         object.__setattr__(self, "confidence", check_level(self.confidence))
         if self.min_gain is not None and self.min_gain != "significant":
             if _not_real(self.min_gain) or not 0 <= self.min_gain < math.inf:
@@ -470,6 +486,7 @@ def sweep(
     betas: Sequence[float] = DEFAULT_BETAS,
     greater_is_better: bool = False,
     results: list[Candidate] | None = None,
+    race: Callable[[list[Candidate]], None] | None = None,
 ) -> list[Candidate]:
     """Run the ExMe search on the two best of the kept checkpoints and return every candidate in the order
     evaluated.
@@ -484,6 +501,8 @@ def sweep(
         greater_is_better (`bool`): the direction of the score.
         results (`list[Candidate]`, *optional*): the list to append candidates to as they are scored (and to
             return), so that a caller still has the finished part when scoring raises.
+        race (`Callable[[list[Candidate]], None]`, *optional*): scores each stage's candidates together in place
+            (`Racing`) instead of each with `score`.
 
     Returns:
         `list[Candidate]`: SFT, then EXPO, then ExMe candidates. With one checkpoint there is no ExMe step.
@@ -496,26 +515,112 @@ def sweep(
     # 1. The checkpoints, with the scores they got during training (from the same evaluation).
     results += checkpoint_rows(checkpoints)
 
+    def stage(group: list[Candidate]) -> list[Candidate]:
+        if race is not None:
+            results.extend(group)  # scored in place
+            race(group)
+            return group
+        first = len(results)
+        for candidate in group:
+            results.append(score(candidate))  # one by one: a failure leaves the scored part in `results`
+        return results[first:]
+
     # 2. EXPO: each checkpoint's best alpha (0, the checkpoint itself, when no alpha scores a finite number).
     best_alphas = []
     for i in range(min(k, 2)):
-        name, first = f"alpha{i + 1}", len(results)
-        for alpha in alphas:
-            point = _point(k, steps, **{f"c{i + 1}": 1.0 + alpha})
-            results.append(score(Candidate("expo", **point, hyper={name: alpha})))
-        winner = best(results[first:], greater_is_better)
+        name = f"alpha{i + 1}"
+        group = [Candidate("expo", **_point(k, steps, **{f"c{i + 1}": 1.0 + a}), hyper={name: a}) for a in alphas]
+        winner = best(stage(group), greater_is_better)
         best_alphas.append(0.0 if winner is None else winner.hyper[name])
 
     # 3. ExMe: merges of the two EXPO models.
     if k >= 2:
         alpha1, alpha2 = best_alphas
+        group = []
         for beta in betas:
             c1, c2 = exme_coefficients(alpha1, alpha2, beta)
             point = _point(k, steps, c1=c1, c2=c2)
             point["steps"] = (steps[0], steps[1], *point["steps"][2:])
-            hyper = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta}
-            results.append(score(Candidate("exme", **point, hyper=hyper)))
+            group.append(Candidate("exme", **point, hyper={"alpha1": alpha1, "alpha2": alpha2, "beta": beta}))
+        stage(group)
     return results
+
+
+RACING_ROUNDS = (0.125, 0.25, 0.5, 1.0)  # the share of each group's items every candidate still racing is scored on
+
+
+def item_group(metric: str) -> str:
+    """The items a metric is measured on: its task (the name's prefix before `/`, as `LMEvalEvaluator` names
+    metrics), or the metric itself."""
+    return metric.split("/", 1)[0] if "/" in metric else metric
+
+
+@dataclass
+class Racing:
+    """Racing (`search="racing"`): the candidates of a stage are scored on growing subsets of the items, and those
+    whose gain over the leader has a confidence interval below zero stop early; the rest are scored on every item.
+
+    Each group of items (a task) is drawn in one seeded order; round `r` scores every candidate still racing on the
+    first `RACING_ROUNDS[r]` of each group's items in that order (only the items it was not scored on yet), so all
+    candidates compared are scored on the same items, and a candidate is never dropped on items the leader was not
+    scored on. The last round is all items: the survivors' scores are the grid's, and the stage's winner is the
+    grid's unless the grid's winner was stopped while inside the noise of a smaller subset.
+
+    Args:
+        evaluate (`Callable[[Candidate, dict[str, list[int]]], dict[str, list[float]]]`): scores `candidate` on the
+            items given (group -> item indices, ascending) and returns each metric's per-item scores, in that order.
+        sizes (`dict[str, int]`): each group's number of items.
+        objective (`Callable[[Mapping[str, float]], float]`): the score of per-metric means.
+        weights (`Mapping[str, float]`): each metric's weight in a gain (`Objective.gain_weights`).
+        greater_is_better (`bool`): the direction of the score.
+        level (`float`, *optional*, defaults to 0.95): the confidence level that stops a candidate.
+        seed (`int`, *optional*, defaults to 0): the order the items are drawn in.
+    """
+
+    evaluate: Callable[[Candidate, dict[str, list[int]]], dict[str, list[float]]]
+    sizes: dict[str, int]
+    objective: Callable[[dict[str, float]], float]
+    weights: dict[str, float]
+    greater_is_better: bool
+    level: float = 0.95
+    seed: int = 0
+    item_evaluations: int = 0  # items scored so far, over every candidate
+
+    def __call__(self, group: list[Candidate]) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        order = {g: torch.randperm(n, generator=generator).tolist() for g, n in sorted(self.sizes.items())}
+        scored = {g: [] for g in order}  # the items scored so far, in the order they were scored
+        racing = list(group)
+        for share in RACING_ROUNDS:
+            request = {g: sorted(order[g][len(scored[g]) : math.ceil(share * len(order[g]))]) for g in order}
+            for candidate in racing:
+                values = self.evaluate(candidate, request)
+                self.item_evaluations += sum(map(len, request.values()))
+                for metric, items in values.items():
+                    candidate.items.setdefault(metric, []).extend(items)
+                candidate.metrics = {m: math.fsum(v) / len(v) for m, v in candidate.items.items()}
+                candidate.score = self.objective(candidate.metrics)
+                if not math.isfinite(candidate.score):
+                    candidate.error = f"non-finite score {candidate.score}"
+            for g, items in request.items():
+                scored[g] += items
+            leader = best(racing, self.greater_is_better)
+            if share < 1.0 and leader is not None:
+                racing = [c for c in racing if c is leader or not self._clearly_below(c, leader, scored)]
+        for candidate in racing:  # every item: back in the items' own order, paired with other evaluations
+            for metric, items in candidate.items.items():
+                position = scored[item_group(metric)]
+                candidate.items[metric] = [v for _, v in sorted(zip(position, items))]
+
+    def _clearly_below(self, candidate: Candidate, leader: Candidate, scored: dict[str, list[int]]) -> bool:
+        if candidate.valid:
+            high = gain_interval(candidate.items, leader.items, self.weights, self.level, seed=self.seed)[1]
+            if high >= 0:
+                return False
+        n = sum(map(len, scored.values()))
+        candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
+        candidate.items = {}  # a subset's scores: not comparable with other evaluations
+        return True
 
 
 def mixup_draws(a: float, draws: int, seed: int = 0) -> tuple[float, ...]:

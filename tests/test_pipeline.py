@@ -409,3 +409,37 @@ def test_aggregate_scores_say_no_interval_and_refuse_a_significant_choice(tmp_pa
     assert "No confidence interval for the selection gains" in report.to_markdown()
     with pytest.raises(ValueError, match="`min_gain='significant'`.*aggregate scores only"):
         per_item_run(tmp_path, CountingEvaluator(), items=False, min_gain="significant")
+
+
+class ItemEvaluator:
+    """The per-item closeness, on the items asked for (racing) or on all of them."""
+
+    def __init__(self):
+        self.items_scored = 0
+
+    def __call__(self, model, items=None):
+        scores = closeness_items(*closeness_weights(model))
+        chosen = range(len(scores)) if items is None else items["closeness"]
+        self.items_scored += len(chosen)
+        return {"closeness": [scores[i] for i in chosen]}
+
+
+def test_racing_chooses_the_grids_model_with_fewer_item_evaluations(tmp_path):
+    grid = per_item_run(tmp_path / "grid", ItemEvaluator())
+    evaluator = ItemEvaluator()
+    racing = per_item_run(tmp_path / "racing", evaluator, search="racing")
+    assert racing.final.coefficients == grid.final.coefficients and racing.final.kind == "exme"
+    assert racing.final.score == pytest.approx(grid.final.score)
+    n = len(NOISE)
+    assert grid.item_evaluations == grid.grid_item_evaluations == (2 * len(ALPHAS) + len(BETAS)) * n
+    assert racing.grid_item_evaluations == grid.grid_item_evaluations
+    assert racing.item_evaluations == evaluator.items_scored < grid.item_evaluations
+    written = json.loads((tmp_path / "racing" / "exme" / "exme_report.json").read_text())
+    assert (written["search"], written["item_evaluations"]) == ("racing", evaluator.items_scored)
+    assert "Racing: " in (tmp_path / "racing" / "exme" / "exme_report.md").read_text()
+
+
+def test_racing_needs_an_evaluator_that_scores_a_subset():
+    with pytest.raises(ValueError, match="`search='racing'`.*takes no `items` argument"):
+        pipeline.check_racing(CountingEvaluator(), SearchSettings(search="racing"))
+    pipeline.check_racing(ItemEvaluator(), SearchSettings(search="racing"))

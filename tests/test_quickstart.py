@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from exme_callback import LMEvalEvaluator
 from exme_callback.cli import main
+from exme_callback.evaluators import Objective, Scorer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -154,9 +155,10 @@ def test_smoke_run_saves_the_model_it_reports(tmp_path, full):
         merged = AutoModelForCausalLM.from_pretrained(run / "exme" / "merged")
         saved = [PeftModel.from_pretrained(base, run / "exme"), merged]
     heldout = LMEvalEvaluator(list(instruction_data.SKILLS), tokenizer, include_path=str(run / "tasks" / "heldout"))
+    scorer = Scorer(heldout, Objective(heldout.directions))  # per-document scores -> the report's metrics
     for model in saved:
         with torch.no_grad():
-            assert heldout(model) == pytest.approx(final["heldout_metrics"])
+            assert scorer(model)[1] == pytest.approx(final["heldout_metrics"])
 
     # The saves are one model (adapter and fused agree), and it is not the base model.
     batch = tokenizer(["Instruction: Add the two numbers.\nInput: 123 + 456\nResponse: 579"], return_tensors="pt")

@@ -1,6 +1,8 @@
+import json
 import math
 
 import pytest
+import torch
 
 from exme_callback.search import (
     Candidate,
@@ -322,3 +324,55 @@ def test_min_gain_keeps_the_best_checkpoint_unless_a_candidate_clears_it():
     losses = [Candidate("sft", (1.0, 0.0), score=1.0), Candidate("expo", (1.1, 0.0), score=0.9)]
     assert choose(losses, False, min_gain=0.05) is losses[1]
     assert choose(losses, False, min_gain=0.2) is losses[0]
+
+
+def bernoulli_scorer(accuracies, n=400, seed=0):
+    """Per-item 0/1 scores of candidates with known accuracies; item i is solved by every candidate whose accuracy
+    exceeds its difficulty `u_i` (shared by all: the comparisons are paired)."""
+    difficulty = torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    calls = []
+
+    def evaluate(candidate, request):
+        calls.append((candidate.hyper["beta"], {g: list(v) for g, v in request.items()}))
+        p = accuracies[candidate.hyper["beta"]]
+        return {"acc": [float(difficulty[i] < p) for i in request["acc"]]}
+
+    return evaluate, calls
+
+
+def test_racing_finds_the_known_best_with_fewer_item_evaluations():
+    from exme_callback.search import Racing
+
+    accuracies = {0.1: 0.50, 0.2: 0.60, 0.3: 0.70, 0.4: 0.78, 0.5: 0.80, 0.6: 0.74, 0.7: 0.65, 0.8: 0.55, 0.9: 0.45}
+    evaluate, calls = bernoulli_scorer(accuracies)
+    mean = lambda metrics: metrics["acc"]  # noqa: E731
+    race = Racing(evaluate, {"acc": 400}, mean, {"acc": 1.0}, greater_is_better=True, level=0.95, seed=0)
+    group = [Candidate("exme", (b, 1 - b), hyper={"beta": b}) for b in accuracies]
+    race(group)
+
+    winner = best(group, True)
+    assert winner.hyper["beta"] == 0.5 and winner.score == pytest.approx(0.80, abs=0.03)
+    assert race.item_evaluations < len(group) * 400 / 2  # at least 2x fewer than the grid
+    stopped = [c for c in group if not c.valid]
+    assert {c.hyper["beta"] for c in stopped} >= {0.1, 0.2, 0.8, 0.9}  # the clearly worse stop early
+    assert all(c.error.startswith("stopped by racing after") and not c.items for c in stopped)
+
+    # Every round scores every candidate still racing on the same items: a candidate is never dropped on items
+    # the leader was not scored on.
+    rounds = {}
+    for beta, request in calls:
+        rounds.setdefault(json.dumps(request), set()).add(beta)
+    assert len(rounds) == 4 and all(0.5 in betas for betas in rounds.values())
+    # The survivors are scored on every item, back in the items' own order: the grid's scores, exactly.
+    grid, _ = bernoulli_scorer(accuracies)
+    for candidate in group:
+        if candidate.valid:
+            assert candidate.items["acc"] == grid(candidate, {"acc": list(range(400))})["acc"]
+            assert candidate.score == pytest.approx(sum(candidate.items["acc"]) / 400)
+
+
+def test_racing_needs_the_exme_strategy():
+    with pytest.raises(ValueError, match="`search='racing'` races the ExMe strategy's stages"):
+        SearchSettings(strategy="mixup", search="racing")
+    with pytest.raises(ValueError, match="`search` must be one of"):
+        SearchSettings(search="bandit")
