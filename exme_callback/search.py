@@ -502,7 +502,7 @@ def sweep(
         results (`list[Candidate]`, *optional*): the list to append candidates to as they are scored (and to
             return), so that a caller still has the finished part when scoring raises.
         race (`Callable[[list[Candidate]], None]`, *optional*): scores each stage's candidates together in place
-            (`Racing`) instead of each with `score`.
+            (`Racing`; the alphas as a line, bracketed) instead of each with `score`.
 
     Returns:
         `list[Candidate]`: SFT, then EXPO, then ExMe candidates. With one checkpoint there is no ExMe step.
@@ -515,10 +515,10 @@ def sweep(
     # 1. The checkpoints, with the scores they got during training (from the same evaluation).
     results += checkpoint_rows(checkpoints)
 
-    def stage(group: list[Candidate]) -> list[Candidate]:
+    def stage(group: list[Candidate], line: bool = False) -> list[Candidate]:
         if race is not None:
             results.extend(group)  # scored in place
-            race(group)
+            race(group, line=line)
             return group
         first = len(results)
         for candidate in group:
@@ -530,7 +530,9 @@ def sweep(
     for i in range(min(k, 2)):
         name = f"alpha{i + 1}"
         group = [Candidate("expo", **_point(k, steps, **{f"c{i + 1}": 1.0 + a}), hyper={name: a}) for a in alphas]
-        winner = best(stage(group), greater_is_better)
+        if race is not None:  # a line, in increasing alpha, for bracketing
+            group.sort(key=lambda c: c.hyper[name])
+        winner = best(stage(group, line=True), greater_is_better)
         best_alphas.append(0.0 if winner is None else winner.hyper[name])
 
     # 3. ExMe: merges of the two EXPO models.
@@ -547,6 +549,10 @@ def sweep(
 
 
 RACING_ROUNDS = (0.125, 0.25, 0.5, 1.0)  # the share of each group's items every candidate still racing is scored on
+
+
+def _hyper_text(candidate: Candidate) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in candidate.hyper.items())
 
 
 def item_group(metric: str) -> str:
@@ -586,22 +592,26 @@ class Racing:
     seed: int = 0
     item_evaluations: int = 0  # items scored so far, over every candidate
 
-    def __call__(self, group: list[Candidate]) -> None:
+    def __call__(self, group: list[Candidate], line: bool = False) -> None:
+        """Race `group`, scoring its candidates in place. With `line=True` the candidates lie along a line whose
+        score rises then falls (EXPO's alphas, in increasing order): the first round brackets the peak, scoring
+        them in order until one is clearly below the best so far and stopping the rest there unscored."""
         generator = torch.Generator().manual_seed(self.seed)
         order = {g: torch.randperm(n, generator=generator).tolist() for g, n in sorted(self.sizes.items())}
         scored = {g: [] for g in order}  # the items scored so far, in the order they were scored
         racing = list(group)
         for share in RACING_ROUNDS:
             request = {g: sorted(order[g][len(scored[g]) : math.ceil(share * len(order[g]))]) for g in order}
-            for candidate in racing:
-                values = self.evaluate(candidate, request)
-                self.item_evaluations += sum(map(len, request.values()))
-                for metric, items in values.items():
-                    candidate.items.setdefault(metric, []).extend(items)
-                candidate.metrics = {m: math.fsum(v) / len(v) for m, v in candidate.items.items()}
-                candidate.score = self.objective(candidate.metrics)
-                if not math.isfinite(candidate.score):
-                    candidate.error = f"non-finite score {candidate.score}"
+            for position, candidate in enumerate(racing):
+                self._score(candidate, request)
+                leader = best(racing[: position + 1], self.greater_is_better)
+                if line and share == RACING_ROUNDS[0] and candidate is not leader:
+                    seen = {g: scored[g] + request[g] for g in order}
+                    if self._clearly_below(candidate, leader, seen, stop=False):
+                        for later in racing[position + 1 :]:
+                            later.error = f"not scored: bracketing stopped the line at {_hyper_text(candidate)}"
+                        racing = racing[: position + 1]
+                        break
             for g, items in request.items():
                 scored[g] += items
             leader = best(racing, self.greater_is_better)
@@ -612,14 +622,28 @@ class Racing:
                 position = scored[item_group(metric)]
                 candidate.items[metric] = [v for _, v in sorted(zip(position, items))]
 
-    def _clearly_below(self, candidate: Candidate, leader: Candidate, scored: dict[str, list[int]]) -> bool:
+    def _score(self, candidate: Candidate, request: dict[str, list[int]]) -> None:
+        """Score `candidate` on the items of `request` too; its score is over every item it was scored on."""
+        values = self.evaluate(candidate, request)
+        self.item_evaluations += sum(map(len, request.values()))
+        for metric, items in values.items():
+            candidate.items.setdefault(metric, []).extend(items)
+        candidate.metrics = {m: math.fsum(v) / len(v) for m, v in candidate.items.items()}
+        candidate.score = self.objective(candidate.metrics)
+        if not math.isfinite(candidate.score):
+            candidate.error = f"non-finite score {candidate.score}"
+
+    def _clearly_below(self, candidate, leader, scored: dict[str, list[int]], stop: bool = True) -> bool:
+        """Whether `candidate`'s gain over `leader`, on the items both were scored on, has its interval below zero
+        (or it has no finite score); with `stop`, mark it stopped."""
         if candidate.valid:
             high = gain_interval(candidate.items, leader.items, self.weights, self.level, seed=self.seed)[1]
             if high >= 0:
                 return False
-        n = sum(map(len, scored.values()))
-        candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
-        candidate.items = {}  # a subset's scores: not comparable with other evaluations
+        if stop:
+            n = sum(map(len, scored.values()))
+            candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
+            candidate.items = {}  # a subset's scores: not comparable with other evaluations
         return True
 
 

@@ -361,3 +361,15 @@ def test_malformed_per_item_scores_name_the_evaluator_and_metric(values):
     scorer = Scorer(lambda model: {"acc": values}, Objective({"acc": True}), name="report_evaluator")
     with pytest.raises(TypeError, match="`report_evaluator` gave `acc` as a list: it must be a non-empty list"):
         scorer(torch.nn.Linear(1, 1))
+
+
+def test_lm_eval_scores_the_documents_asked_for(lm_eval_tasks):
+    """Racing asks for subsets (task -> document indices): the per-document scores are those of a full run."""
+    from conftest import make_llama
+
+    _, evaluator = lm_eval_tasks
+    model = make_llama(seed=3)
+    full = evaluator(model)
+    subset = evaluator(model, items={"toy_choice": [1, 3, 6], "toy_generate": [0, 2]})
+    assert subset["toy_choice/acc"] == [full["toy_choice/acc"][i] for i in (1, 3, 6)]
+    assert subset["toy_generate/exact_match"] == [full["toy_generate/exact_match"][i] for i in (0, 2)]

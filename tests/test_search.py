@@ -376,3 +376,16 @@ def test_racing_needs_the_exme_strategy():
         SearchSettings(strategy="mixup", search="racing")
     with pytest.raises(ValueError, match="`search` must be one of"):
         SearchSettings(search="bandit")
+
+
+def test_bracketing_stops_a_line_once_the_score_falls_clearly():
+    from exme_callback.search import Racing
+
+    accuracies = {0.1: 0.70, 0.2: 0.85, 0.3: 0.50, 0.4: 0.30, 0.5: 0.20}  # rises, then falls
+    evaluate, calls = bernoulli_scorer(accuracies)
+    race = Racing(evaluate, {"acc": 400}, lambda m: m["acc"], {"acc": 1.0}, greater_is_better=True)
+    group = [Candidate("exme", (1.0 + b, 0.0), hyper={"beta": b}) for b in accuracies]
+    race(group, line=True)
+    assert best(group, True).hyper["beta"] == 0.2
+    assert {beta for beta, _ in calls} == {0.1, 0.2, 0.3}  # 0.3 falls clearly below 0.2: 0.4, 0.5 never scored
+    assert [c.error for c in group[3:]] == ["not scored: bracketing stopped the line at beta=0.3"] * 2
