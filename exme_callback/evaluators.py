@@ -18,6 +18,16 @@ def evaluator(model):
     return {"accuracy": [float(my_prediction(model, x) == y) for x, y in dev_set]}
 ```
 
+`search="racing"` also asks for subsets of the items: an evaluator that takes `items`, a mapping from each group of
+items (the task of a `task/metric` name, or the metric itself) to the indices to score, returns the per-item scores
+of those items only, in that order:
+
+```python
+def evaluator(model, items=None):
+    chosen = range(len(dev_set)) if items is None else items["accuracy"]
+    return {"accuracy": [float(my_prediction(model, dev_set[i][0]) == dev_set[i][1]) for i in chosen]}
+```
+
 The `Objective` turns metrics into the selection score: one metric with its direction (the trainer's
 `metric_for_best_model` and `greater_is_better`), or the mean of several, like the ExMe paper's "overall
 performance".

@@ -1,0 +1,201 @@
+"""Grid against racing, and the paper's argmax against `min_gain="significant"`, on the quickstart's setting.
+
+For each seed, one quickstart run (SmolLM2-135M-Instruct's GGUF, LoRA, the four generated skills; the training
+seed varies, the data does not) carries two callbacks over the same checkpoints:
+
+- the grid (`search="grid"`), with the held-out evaluator: its report gives every candidate's selection score with
+  per-document scores, the paper's argmax choice, and the held-out scores of the table's rows;
+- racing (`search="racing"`): its choice, its item evaluations and the time its search spent evaluating.
+
+`min_gain="significant"` is applied to the grid's candidates (`search.choose`: no evaluation), and its choice's
+held-out gain read from the grid's rows (it is the best checkpoint, or a row of the table when it clears zero; a
+choice outside the rows is counted as not measured). It prints, per seed and over all seeds:
+
+- item evaluations and evaluation time of the two searches, and their ratio;
+- whether racing chose the grid's model, or one whose gain over it has an interval containing zero (tied);
+- the held-out gain of each choice over the best checkpoint, and whether it is below zero.
+
+    python benchmarks/racing.py --seeds 0 1 2     # about 11 minutes per seed on 2 CPU cores
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from instruction_data import to_sft, write_tasks  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from quickstart import BATCH_SIZE, load_model, load_splits  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from exme_callback import ExMeCallback, LMEvalEvaluator  # noqa: E402
+from exme_callback.intervals import gain_interval  # noqa: E402
+from exme_callback.lora import quiet_peft_save  # noqa: E402
+from exme_callback.search import choose  # noqa: E402
+
+
+class TimedEvaluator(LMEvalEvaluator):
+    """Accumulates the time of the evaluations made while `timing` is set (the sweep's)."""
+
+    timing, seconds = False, 0.0
+
+    def __call__(self, model, items=None):
+        started = time.perf_counter()
+        try:
+            return super().__call__(model, items)
+        finally:
+            if self.timing:
+                self.seconds += time.perf_counter() - started
+
+
+class TimedSweep(ExMeCallback):
+    """Times its evaluator during its sweep (not during training)."""
+
+    def on_train_end(self, *args, **kwargs):
+        self.evaluator.timing = True
+        try:
+            return super().on_train_end(*args, **kwargs)
+        finally:
+            self.evaluator.timing = False
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    output_dir = os.path.join(args.output_dir, f"seed-{seed}")
+    quickstart = argparse.Namespace(smoke=args.smoke, model=None, dataset=None, steps=args.steps)
+    splits = load_splits(quickstart)
+    model, tokenizer = load_model(quickstart, splits)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tasks = os.path.join(output_dir, "tasks")
+    names = {split: write_tasks(f"{tasks}/{split}", splits[split]) for split in ("selection", "heldout")}
+    make = lambda split, cls: cls(names[split], tokenizer, include_path=f"{tasks}/{split}", batch_size=32)  # noqa: E731
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=output_dir,
+            max_steps=args.steps,
+            per_device_train_batch_size=BATCH_SIZE,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=args.steps // 10,
+            eval_strategy="steps",
+            eval_steps=args.steps // 4,
+            save_strategy="no",
+            max_length=128,
+            report_to=[],
+            disable_tqdm=True,
+            seed=seed,
+        ),
+        train_dataset=Dataset.from_list(to_sft(splits["train"], tokenizer.eos_token)),
+        eval_dataset=Dataset.from_list(to_sft(splits["selection"], tokenizer.eos_token)[:32]),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
+    grid = TimedSweep(
+        trainer,
+        evaluator=make("selection", TimedEvaluator),
+        report_evaluator=make("heldout", LMEvalEvaluator),
+        output_dir=os.path.join(output_dir, "exme-grid"),
+        seed=seed,
+    )
+    racing = TimedSweep(
+        trainer,
+        evaluator=make("selection", TimedEvaluator),
+        search="racing",
+        output_dir=os.path.join(output_dir, "exme-racing"),
+        seed=seed,
+    )
+    trainer.add_callback(grid)
+    trainer.add_callback(racing)
+    with quiet_peft_save():
+        trainer.train()
+
+    g, r = grid.report, racing.report
+    weights = grid.objective.gain_weights()
+    same = r.final.coefficients == g.final.coefficients
+    tie = same or gain_interval(r.final.items, g.final.items, weights, g.confidence, seed=seed)[0] <= 0
+    significant = choose(g.candidates, g.greater_is_better, g.choose_from, "significant")
+    reference = g.best_sft
+    heldout = {id(c): c.heldout_score for _, c in g.rows()}
+
+    def heldout_gain(candidate):
+        score = heldout.get(id(candidate))
+        return None if score is None else (score - reference.heldout_score) * (1 if g.greater_is_better else -1)
+
+    return {
+        "seed": seed,
+        "grid items": g.item_evaluations,
+        "racing items": r.item_evaluations,
+        "grid s": grid.evaluator.seconds,
+        "racing s": racing.evaluator.seconds,
+        "racing = grid": same,
+        "racing tied": tie,
+        "argmax": f"{g.final.kind} {_hyper(g.final)}",
+        "argmax Δsel": (g.final.score - reference.score) * (1 if g.greater_is_better else -1),
+        "argmax interval": g.final.interval,
+        "argmax Δheld-out": heldout_gain(g.final),
+        "significant": f"{significant.kind} {_hyper(significant)}",
+        "significant Δheld-out": heldout_gain(significant),
+    }
+
+
+def _hyper(candidate) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in candidate.hyper.items()) or f"step {candidate.steps}"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:+.4f}" if abs(value) < 10 else f"{value:.0f}"
+    if isinstance(value, tuple):
+        return f"[{value[0]:+.4f}, {value[1]:+.4f}]"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--output-dir", default="runs/racing")
+    parser.add_argument("--smoke", action="store_true", help="the quickstart's tiny model: checks the script")
+    args = parser.parse_args()
+    rows = [run_seed(seed, args) for seed in args.seeds]
+
+    print(
+        f"\n{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; quickstart setting, "
+        f"{args.steps} steps, seeds {args.seeds}\n"
+    )
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for row in rows:
+        print("| " + " | ".join(_cell(v) for v in row.values()) + " |")
+    n = len(rows)
+    items = sum(r["grid items"] for r in rows) / sum(r["racing items"] for r in rows)
+    seconds = sum(r["grid s"] for r in rows) / sum(r["racing s"] for r in rows)
+    print(
+        f"\nover {n} seeds: racing used {items:.2f}x fewer item evaluations and {seconds:.2f}x less evaluation time;"
+    )
+    print(
+        f"it chose the grid's model in {sum(r['racing = grid'] for r in rows)} of {n}, "
+        f"the grid's or one tied with it in {sum(r['racing tied'] for r in rows)} of {n}."
+    )
+    for rule in ("argmax", "significant"):
+        gains = [r[f"{rule} Δheld-out"] for r in rows if r[f"{rule} Δheld-out"] is not None]
+        below = sum(g < 0 for g in gains)
+        mean = sum(gains) / len(gains) if gains else float("nan")
+        print(
+            f"{rule}: mean held-out gain {mean:+.4f} over {len(gains)} measured seeds; below the best checkpoint "
+            f"held-out in {below} of {len(gains)}."
+        )
+
+
+if __name__ == "__main__":
+    main()
