@@ -222,7 +222,7 @@ class ExMeCallback(TrainerCallback):
             self._score_base(model, score, metrics, items)
             return
         new = Checkpoint(step, score, metrics, items)
-        pipeline.check_items([new], self.settings)
+        pipeline.check_items([new, *([self._base] if self._base is not None else [])], self.settings)
         if not rank_checkpoints([new], self.objective.greater_is_better):
             logger.warning(f"ExMe: the evaluation at step {step} scored {score}; this checkpoint is not kept.")
             return

@@ -137,8 +137,15 @@ def check_model(model: torch.nn.Module, save_merged: bool = False, settings: Sea
 
 
 def check_items(evaluations: Sequence[Checkpoint | Candidate], settings: SearchSettings) -> None:
-    """Refuse `min_gain="significant"` and `search="racing"` when an evaluation has no per-item scores (checked on
-    the first one, before training, where the callback scores the base model)."""
+    """Refuse per-item scores that differ in number between evaluations (they must be the same items), and
+    `min_gain="significant"` and `search="racing"` when an evaluation has none (checked on the first one, before
+    training, where the callback scores the base model)."""
+    counts = {tuple((m, len(v)) for m, v in e.items.items()) for e in evaluations if e.items}
+    if len(counts) > 1:
+        raise ValueError(
+            f"The evaluator's per-item scores differ between evaluations ({' vs '.join(map(str, counts))} items per "
+            "metric): it must score the same items, in the same order, every time."
+        )
     if all(e.items for e in evaluations):
         return
     if settings.min_gain == "significant":

@@ -443,3 +443,11 @@ def test_racing_needs_an_evaluator_that_scores_a_subset():
     with pytest.raises(ValueError, match="`search='racing'`.*takes no `items` argument"):
         pipeline.check_racing(CountingEvaluator(), SearchSettings(search="racing"))
     pipeline.check_racing(ItemEvaluator(), SearchSettings(search="racing"))
+
+
+def test_per_item_scores_of_other_items_are_refused():
+    a = Checkpoint(10, 0.5, items={"acc": [1.0, 0.0]})
+    b = Checkpoint(20, 0.5, items={"acc": [1.0, 0.0, 1.0]})
+    with pytest.raises(ValueError, match="per-item scores differ between evaluations.*same items, in the same order"):
+        pipeline.check_items([a, b], SearchSettings())
+    pipeline.check_items([a, a], SearchSettings())
