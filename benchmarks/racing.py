@@ -19,6 +19,7 @@ choice outside the rows is counted as not measured). It prints, per seed and ove
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -38,7 +39,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from exme_callback import ExMeCallback, LMEvalEvaluator  # noqa: E402
 from exme_callback.intervals import gain_interval  # noqa: E402
 from exme_callback.lora import quiet_peft_save  # noqa: E402
-from exme_callback.search import choose  # noqa: E402
+from exme_callback.search import Candidate, Racing, best, choose  # noqa: E402
 
 
 class TimedEvaluator(LMEvalEvaluator):
@@ -66,7 +67,7 @@ class TimedSweep(ExMeCallback):
             self.evaluator.timing = False
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict:
+def run_seed(seed: int, args: argparse.Namespace, reports: list) -> dict:
     output_dir = os.path.join(args.output_dir, f"seed-{seed}")
     quickstart = argparse.Namespace(smoke=args.smoke, model=None, dataset=None, steps=args.steps)
     splits = load_splits(quickstart)
@@ -120,6 +121,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         trainer.train()
 
     g, r = grid.report, racing.report
+    reports.append(g)
     weights = grid.objective.gain_weights()
     same = r.final.coefficients == g.final.coefficients
     tie = same or gain_interval(r.final.items, g.final.items, weights, g.confidence, seed=seed)[0] <= 0
@@ -148,6 +150,54 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     }
 
 
+def scaling(reports: list, sizes=(128, 512, 2048, 8192)) -> list[dict]:
+    """Racing on simulated evaluation sets of `sizes` items, each candidate's per-item accuracy its selection score
+    in the grid's reports (paired: item `i` is solved by every candidate whose accuracy exceeds its difficulty): how
+    the saving grows with the number of items, and whether each stage's winner is the best by that accuracy."""
+    rows = []
+    for n in sizes:
+        used = grid = found = stages = 0
+        for seed, report in enumerate(reports):
+            stages_of = [("expo", "alpha1"), ("expo", "alpha2"), ("exme", "beta")]
+            for kind, name in stages_of:
+                accuracies = [c.score for c in report.candidates if c.kind == kind and c.hyper.get(name) is not None]
+                items, winner = _simulated_race(accuracies, n, seed, line=kind == "expo")
+                used, grid, stages = used + items, grid + len(accuracies) * n, stages + 1
+                found += accuracies[winner] >= max(accuracies) - 1e-9
+        rows.append({"items": n, "grid items": grid, "racing items": used, "ratio": grid / used, "best": found})
+        rows[-1]["best"] = f"{found} of {stages} stages"
+    return rows
+
+
+def print_scaling(reports: list) -> None:
+    print("\nRacing on simulated evaluation sets: each grid candidate's selection score as its per-item accuracy\n")
+    table = scaling(reports)
+    print("| " + " | ".join(table[0]) + " |")
+    print("|" + "---:|" * len(table[0]))
+    for row in table:
+        print("| " + " | ".join(f"{v:.2f}x" if k == "ratio" else _cell(v) for k, v in row.items()) + " |")
+
+
+def _candidates_of(path: str):
+    """A grid report's candidates, read back from its `exme_report.json`."""
+    with open(path) as f:
+        return argparse.Namespace(candidates=[Candidate.from_dict(c) for c in json.load(f)["candidates"]])
+
+
+def _simulated_race(accuracies: list[float], n: int, seed: int, line: bool) -> tuple[int, int]:
+    """Race candidates of known accuracies on `n` simulated items: the items scored, and the winner's position."""
+    difficulty = torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def evaluate(candidate, request):
+        p = accuracies[int(candidate.hyper["position"])]
+        return {"acc": [float(difficulty[i] < p) for i in request["acc"]]}
+
+    group = [Candidate("exme", (float(i), 0.0), hyper={"position": i}) for i in range(len(accuracies))]
+    race = Racing(evaluate, {"acc": n}, lambda m: m["acc"], {"acc": 1.0}, greater_is_better=True, seed=seed)
+    race(group, line=line)
+    return race.item_evaluations, int(best(group, True).hyper["position"])
+
+
 def _hyper(candidate) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in candidate.hyper.items()) or f"step {max(filter(None, candidate.steps))}"
 
@@ -170,8 +220,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--output-dir", default="runs/racing")
     parser.add_argument("--smoke", action="store_true", help="the quickstart's tiny model: checks the script")
+    parser.add_argument(
+        "--simulate-only", action="store_true", help="only the simulated table, from the grid reports of a past run"
+    )
     args = parser.parse_args()
-    rows = [run_seed(seed, args) for seed in args.seeds]
+    if args.simulate_only:
+        paths = [os.path.join(args.output_dir, f"seed-{seed}", "exme-grid", "exme_report.json") for seed in args.seeds]
+        print_scaling([_candidates_of(path) for path in paths])
+        return
+    reports = []
+    rows = [run_seed(seed, args, reports) for seed in args.seeds]
 
     print(
         f"\n{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; quickstart setting, "
@@ -191,6 +249,7 @@ def main() -> None:
         f"it chose the grid's model in {sum(r['racing = grid'] for r in rows)} of {n}, "
         f"the grid's or one tied with it in {sum(r['racing tied'] for r in rows)} of {n}."
     )
+    print_scaling(reports)
     for rule in ("argmax", "significant"):
         gains = [r[f"{rule} Δheld-out"] for r in rows if r[f"{rule} Δheld-out"] is not None]
         below = sum(g < 0 for g in gains)

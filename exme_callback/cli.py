@@ -25,6 +25,7 @@ from .search import (
     DEFAULT_ALPHAS,
     DEFAULT_BETAS,
     PARTNERS,
+    SEARCHES,
     STRATEGIES,
     Checkpoint,
     SearchSettings,
@@ -48,7 +49,20 @@ SEARCH_OPTIONS = (
     "dare",
     "budget",
     "seed",
+    "confidence",
+    "min_gain",
+    "search",
 )
+
+
+def _min_gain(value: str) -> float | str:
+    """`--min-gain`: a number, or `significant`."""
+    if value == "significant":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number >= 0 or 'significant', got {value!r}") from None
 
 
 class _Help(argparse.HelpFormatter):
@@ -117,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument(
         "--baselines", action="store_true", help="also score weighted, TIES and DARE merges for the report"
+    )
+    search.add_argument(
+        "--search", choices=SEARCHES, default="grid", help="each stage on every item, or racing on growing subsets"
+    )
+    search.add_argument("--confidence", type=float, default=0.95, help="the level of the gains' confidence intervals")
+    search.add_argument(
+        "--min-gain",
+        type=_min_gain,
+        metavar="GAIN|significant",
+        help="keep the best checkpoint unless a candidate's gain clears this (default: the paper's argmax)",
     )
     strategy = run.add_argument_group("strategy (see the README's Strategies section)")
     strategy.add_argument(
@@ -309,6 +333,7 @@ def _run(args) -> None:
             "into the base folder (`tokenizer.save_pretrained(folder)`)."
         )
     scorer = _scorer(args.tasks, args.include_path, args.eval_data, loaded.tokenizer, args)
+    pipeline.check_racing(scorer.evaluator, args.settings)
     heldout = None
     if args.heldout_tasks or args.heldout_data:
         include = args.heldout_include_path or args.include_path

@@ -187,6 +187,9 @@ def test_usage_errors_exit_2(full_run, capsys):
     for argv, message in [
         (["run", str(run_dir)], "give one of --tasks"),
         (["run", str(run_dir), "--eval-data", str(data), "--alphas", "-1"], "--alphas must be"),
+        (["run", str(run_dir), "--eval-data", str(data), "--min-gain", "-1"], "--min-gain must be a number >= 0"),
+        (["run", str(run_dir), "--eval-data", str(data), "--min-gain", "big"], "a number >= 0 or 'significant'"),
+        (["run", str(run_dir), "--eval-data", str(data), "--confidence", "95"], "--confidence must be a number in"),
         (["apply", "--checkpoint", "a", "--coefficients", "1", "2", "out"], "one value per --checkpoint"),
         (["apply", "--checkpoint", "a", "--beta", "0.5", "out"], "give --checkpoint twice"),
         (["apply", "--checkpoint", "a", "--coefficients", "1", "--alpha1", "0.2", "out"], "go with --beta"),
@@ -204,6 +207,7 @@ def test_failures_exit_1_with_one_clear_line(full_run, capsys, tmp_path):
         in error_of(capsys, run + ["--metric", "accuracy"])
     )
     assert "does not exist" in error_of(capsys, run + ["--checkpoint", str(tmp_path / "nowhere")])
+    assert "takes no `items` argument" in error_of(capsys, run + ["--search", "racing"])  # the eval loss: aggregate
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
