@@ -10,25 +10,21 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import RegressionConfig, RegressionDataset, RegressionModel, regression_args  # noqa: E402
+from conftest import (  # noqa: E402
+    RegressionConfig,
+    RegressionDataset,
+    RegressionModel,
+    log_report_writes,
+    regression_args,
+)
 from transformers import Trainer  # noqa: E402
 
 from exme_callback import ExMeCallback  # noqa: E402
-from exme_callback.report import Report  # noqa: E402
 
 output_dir, batch = sys.argv[1], int(sys.argv[2])
 rank = int(os.environ.get("RANK", 0))
 
-write = Report.write
-
-
-def logged_write(self, directory):
-    with open(os.path.join(output_dir, "writes.txt"), "a") as f:
-        f.write(f"{rank}\n")
-    write(self, directory)
-
-
-Report.write = logged_write
+log_report_writes(output_dir, rank)
 
 model = RegressionModel(RegressionConfig())
 distributed = {"ddp_backend": "gloo"} if "WORLD_SIZE" in os.environ else {}

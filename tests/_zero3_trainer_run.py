@@ -9,12 +9,13 @@ import importlib
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_sequence_llama, sequences  # noqa: E402
+from conftest import log_report_writes, make_sequence_llama, sequences  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from exme_callback import ExMeCallback  # noqa: E402
-from exme_callback.report import Report  # noqa: E402
 
 output_dir, shard = sys.argv[1], sys.argv[2]
 world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -25,16 +26,7 @@ if shard == "zero3":
     auto = dict.fromkeys(["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"], "auto")
     settings = {"deepspeed": {**auto, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}}
 
-write = Report.write
-
-
-def logged_write(self, directory):
-    with open(os.path.join(output_dir, "writes.txt"), "a") as f:
-        f.write(f"{rank}\n")
-    write(self, directory)
-
-
-Report.write = logged_write
+log_report_writes(output_dir, rank)
 
 args = TrainingArguments(
     output_dir=output_dir,
@@ -56,3 +48,6 @@ train, evaluation = ([{"input_ids": x, "labels": x} for x in sequences(seed, n)]
 trainer = Trainer(model=make_sequence_llama(), args=args, train_dataset=train, eval_dataset=evaluation)
 trainer.add_callback(ExMeCallback(trainer))
 trainer.train()
+if torch.distributed.is_initialized():  # leave together: a rank exiting early can abort the other's gloo threads
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

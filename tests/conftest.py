@@ -88,11 +88,11 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_llama(seed: int = 0, bias: bool = False):
+def make_llama(seed: int = 0, bias: bool = False, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(WORDS) + 3,
         hidden_size=16,
         intermediate_size=32,
@@ -106,7 +106,7 @@ def make_llama(seed: int = 0, bias: bool = False):
         attention_bias=bias,
         mlp_bias=bias,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
 
 
 def make_texts(n: int, seed: int) -> list[str]:
@@ -213,20 +213,9 @@ SEQUENCE_VOCAB = 32
 
 def make_sequence_llama():
     """A tiny Llama whose every tensor splits evenly over two ranks (for the sharded runs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=SEQUENCE_VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
+    return make_llama(
+        vocab_size=SEQUENCE_VOCAB, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False
     )
-    return LlamaForCausalLM(config)
 
 
 def sequences(seed: int, rows: int) -> torch.Tensor:
@@ -234,3 +223,17 @@ def sequences(seed: int, rows: int) -> torch.Tensor:
     start = torch.randint(0, SEQUENCE_VOCAB, (rows, 1), generator=torch.Generator().manual_seed(seed))
     powers = 3 ** torch.arange(12)
     return (start * powers + (powers - 1) // 2) % SEQUENCE_VOCAB
+
+
+def log_report_writes(output_dir, rank: int) -> None:
+    """Make every `Report.write` of this process append its rank to `<output_dir>/writes.txt` (which ranks wrote)."""
+    from exme_callback.report import Report
+
+    write = Report.write
+
+    def logged_write(self, directory):
+        with open(os.path.join(output_dir, "writes.txt"), "a") as f:
+            f.write(f"{rank}\n")
+        write(self, directory)
+
+    Report.write = logged_write
