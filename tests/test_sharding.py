@@ -130,14 +130,16 @@ def test_resuming_with_another_number_of_shards_is_refused(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DEEPSPEED, reason="needs deepspeed")
-def test_trainer_with_zero3_matches_one_process(tmp_path):
-    """Through transformers' `Trainer` (which runs DeepSpeed on the CPU; FSDP it enables only on accelerators)."""
-    script = os.path.join(os.path.dirname(__file__), "_zero3_trainer_run.py")
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_trainer_with_deepspeed_matches_one_process(tmp_path, zero):
+    """Through transformers' `Trainer` (which runs DeepSpeed on the CPU; FSDP it enables only on accelerators):
+    ZeRO-3 shards the kept tensors, ZeRO-2 keeps full parameters on every rank, like DDP."""
+    script = os.path.join(os.path.dirname(__file__), "_deepspeed_trainer_run.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launchers = {
         "one": [sys.executable, script, str(tmp_path / "one"), "none"],
-        "zero3": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [script, str(tmp_path / "zero3"), "zero3"],
+        zero: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [script, str(tmp_path / zero), zero],
     }
     for command in launchers.values():
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -147,5 +149,5 @@ def test_trainer_with_zero3_matches_one_process(tmp_path):
     assert_same_run(sharded, single)
     for name in model:
         assert_close(gathered[name], model[name], rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "zero3" / "writes.txt").read_text() == "0\n"  # the main process alone wrote the result
-    assert not (tmp_path / "zero3" / "exme-snapshots").exists()
+    assert (tmp_path / zero / "writes.txt").read_text() == "0\n"  # the main process alone wrote the result
+    assert not (tmp_path / zero / "exme-snapshots").exists()

@@ -1,7 +1,7 @@
-"""One ExMe run of a tiny Llama through transformers' `Trainer`: with DeepSpeed ZeRO-3 over the processes of `torchrun`
-(gloo, CPU), or in one process without it; launched by tests/test_sharding.py.
+"""One ExMe run of a tiny Llama through transformers' `Trainer`: with DeepSpeed ZeRO-2 or ZeRO-3 over the processes of
+`torchrun` (gloo, CPU), or in one process without it; launched by tests/test_sharding.py.
 
-Usage: python _zero3_trainer_run.py OUTPUT_DIR {none,zero3}
+Usage: python _deepspeed_trainer_run.py OUTPUT_DIR {none,zero2,zero3}
 Report writes are logged to `writes.txt`.
 """
 
@@ -20,11 +20,12 @@ from exme_callback import ExMeCallback  # noqa: E402
 output_dir, shard = sys.argv[1], sys.argv[2]
 world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 settings = {}
-if shard == "zero3":
+if shard in ("zero2", "zero3"):
     # DeepSpeed compiles a shared-memory C++ extension when it starts; gloo does not need it.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     auto = dict.fromkeys(["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"], "auto")
-    settings = {"deepspeed": {**auto, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}}
+    zero = {"zero_optimization": {"stage": int(shard[-1])}, "zero_allow_untested_optimizer": True}
+    settings = {"deepspeed": {**auto, **zero}}
 
 log_report_writes(output_dir, rank)
 
