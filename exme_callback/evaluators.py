@@ -153,7 +153,7 @@ class Objective:
         them (an interval needs all of them)."""
         found = {}
         for name in self.metrics:
-            key = next((k for k in (name, f"eval_{name}") if k in items), None)
+            key = _lookup(name, items)
             if key is None:
                 return {}
             found[name] = list(items[key])
@@ -168,7 +168,7 @@ class Objective:
         """
         found = {}
         for name in self.metrics:
-            key = next((k for k in (name, f"eval_{name}") if k in metrics), None)
+            key = _lookup(name, metrics)
             if key is None:
                 raise KeyError(
                     f"The metric {name!r} is not in the evaluation's output, which has {sorted(metrics)}. Set "
@@ -272,6 +272,11 @@ class Scorer:
             if not math.isfinite(score):
                 candidate.error = f"non-finite score {score}"
         return candidate
+
+
+def _lookup(name: str, metrics: Mapping[str, Any]) -> str | None:
+    """The key `name` is found under: as given, or with the `eval_` prefix the trainer adds."""
+    return next((key for key in (name, f"eval_{name}") if key in metrics), None)
 
 
 def _is_items(value) -> bool:
