@@ -54,9 +54,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 from exme_callback import pipeline
-from exme_callback.evaluators import LMEvalEvaluator, Objective, Scorer
+from exme_callback.evaluators import LMEvalEvaluator
 from exme_callback.report import Report
 from exme_callback.runs import load_plane, rank_run
+from exme_callback.scoring import Objective, Scorer
 from exme_callback.search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, SearchSettings, count_candidates
 
 SKILLS = ["arithmetic", "comparison", "alphabetical", "sequence"]

@@ -2,7 +2,8 @@
 
 from .arithmetic import combine, extrapolate, interpolate, span_point
 from .callback import ExMeCallback
-from .evaluators import LMEvalEvaluator, LossEvaluator, Objective, TrainerEvaluator
+from .evaluators import LMEvalEvaluator, LossEvaluator, TrainerEvaluator
+from .scoring import Objective
 from .search import Candidate, Checkpoint, exme_coefficients
 
 __version__ = "0.1.0"

@@ -18,8 +18,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import pipeline, sharding
-from .evaluators import Evaluator, LMEvalEvaluator, Objective, Scorer, TrainerEvaluator
+from .evaluators import LMEvalEvaluator, TrainerEvaluator
 from .report import Report
+from .scoring import Evaluator, Objective, Scorer
 from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, SearchSettings, rank_checkpoints
 from .snapshots import STORAGES, SnapshotStore, load_resume_state, save_state, trainable_tensors
 

@@ -420,7 +420,8 @@ def _kinship(args) -> None:
 
 
 def _scorer(tasks, include_path, data, tokenizer, args):
-    from .evaluators import LMEvalEvaluator, LossEvaluator, Objective, Scorer
+    from .evaluators import LMEvalEvaluator, LossEvaluator
+    from .scoring import Objective, Scorer
 
     if tasks:
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)

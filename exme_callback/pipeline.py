@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from . import sharding
 from .arithmetic import DensePlane, Plane, Point, StateDict
-from .evaluators import Scorer, preserved_rng
 from .intervals import gain_interval
 from .kinship import METRICS, Gram
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
+from .scoring import Scorer, preserved_rng
 from .search import (
     DEFAULT_DENSITIES,
     Candidate,

@@ -5,47 +5,7 @@ import torch
 from conftest import regression_args
 from transformers import Trainer, TrainerCallback
 
-from exme_callback.evaluators import Objective, Scorer, TrainerEvaluator, numeric_metrics
-
-
-def test_objective_defaults_follow_the_trainer():
-    assert Objective.from_spec().metrics == {"eval_loss": False}
-    assert Objective.from_spec(None, "accuracy", True).metrics == {"accuracy": True}
-    assert Objective.from_spec(None, "loss", False).greater_is_better is False
-    assert Objective.from_spec(["eval_loss", "eval_acc"]).metrics == {"eval_loss": False, "eval_acc": True}
-
-
-def test_objective_same_direction_is_plain_mean():
-    objective = Objective.from_spec({"a": "max", "b": "max"})
-    assert objective.greater_is_better and objective.name == "mean(a, b)"
-    assert objective({"eval_a": 0.5, "b": 0.8, "c": 9}) == pytest.approx(0.65)
-    lower = Objective.from_spec({"x_loss": "min", "y_loss": "min"})
-    assert lower.greater_is_better is False and lower({"x_loss": 1.0, "y_loss": 3.0}) == 2.0
-
-
-def test_objective_mixed_directions_negate_lower_is_better():
-    objective = Objective.from_spec({"acc": "max", "loss": "min"})
-    assert objective.greater_is_better and objective.name == "mean(acc, -loss)"
-    assert objective({"acc": 0.8, "loss": 0.4}) == pytest.approx(0.2)
-
-
-def test_objective_values_and_errors():
-    objective = Objective.from_spec("loss")
-    assert objective.values({"eval_loss": torch.tensor(0.25)}) == {"eval_loss": 0.25}
-    assert math.isnan(objective({"eval_loss": math.nan}))
-    with pytest.raises(KeyError, match=r"'loss' is not in the evaluation's output, which has \['eval_acc'\]"):
-        objective({"eval_acc": 1.0})
-    with pytest.raises(TypeError, match="'eval_loss' must be a real number"):
-        objective({"eval_loss": [1.0]})
-    with pytest.raises(ValueError, match="`metrics` must not repeat"):
-        Objective.from_spec(["a", "a"])
-    with pytest.raises(ValueError, match="at least one metric"):
-        Objective({})
-
-
-def test_numeric_metrics_drops_timings():
-    metrics = {"eval_loss": 1, "eval_runtime": 0.1, "eval_samples_per_second": 9.0, "epoch": 2.0, "note": "x"}
-    assert numeric_metrics(metrics) == {"eval_loss": 1.0}
+from exme_callback.evaluators import TrainerEvaluator
 
 
 def test_trainer_evaluator_is_silent(tmp_path, regression):
@@ -341,26 +301,6 @@ def test_lm_eval_evaluator_hides_only_hflm_live_model_warnings(lm_eval_tasks, ca
         assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["another warning"]
         HFLM(pretrained=make_llama(seed=7), tokenizer=tokenizer, batch_size=1)  # outside the evaluator: shows
     assert len(live_model_warnings()) == 2
-
-
-def test_per_item_scores_are_averaged_and_kept_for_the_objective():
-    def evaluator(model):
-        return {"eval_acc": [1, 0, 1, 1], "eval_loss": torch.tensor([0.5, 1.5]), "eval_other": 3.0}
-
-    scorer = Scorer(evaluator, Objective({"acc": True, "loss": False}))
-    score, metrics, items = scorer(torch.nn.Linear(1, 1))
-    assert metrics == {"eval_acc": 0.75, "eval_loss": 1.0, "eval_other": 3.0}
-    assert score == pytest.approx((0.75 - 1.0) / 2)  # mixed directions: the loss enters negated
-    assert items == {"acc": [1.0, 0.0, 1.0, 1.0], "loss": [0.5, 1.5]}  # by the objective's names
-    # An interval needs every metric of the score item by item: one aggregate metric leaves none.
-    assert Scorer(evaluator, Objective({"acc": True, "other": True}))(torch.nn.Linear(1, 1))[2] == {}
-
-
-@pytest.mark.parametrize("values", [[], ["yes", "no"], [True, False]])
-def test_malformed_per_item_scores_name_the_evaluator_and_metric(values):
-    scorer = Scorer(lambda model: {"acc": values}, Objective({"acc": True}), name="report_evaluator")
-    with pytest.raises(TypeError, match="`report_evaluator` gave `acc` as a list: it must be a non-empty list"):
-        scorer(torch.nn.Linear(1, 1))
 
 
 def test_lm_eval_scores_the_documents_asked_for(lm_eval_tasks):

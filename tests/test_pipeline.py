@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from exme_callback import pipeline
 from exme_callback.arithmetic import DensePlane
-from exme_callback.evaluators import Objective, Scorer
+from exme_callback.scoring import Objective, Scorer
 from exme_callback.search import Candidate, Checkpoint, SearchSettings, exme_coefficients
 from exme_callback.snapshots import trainable_tensors
 

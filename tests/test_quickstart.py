@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from exme_callback import LMEvalEvaluator
 from exme_callback.cli import main
-from exme_callback.evaluators import Objective, Scorer
+from exme_callback.scoring import Objective, Scorer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))

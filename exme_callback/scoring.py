@@ -1,0 +1,309 @@
+"""How candidates are scored: evaluators (model -> metrics) and the objective (metrics -> one selection score).
+
+An evaluator is any callable `evaluator(model) -> Mapping[str, float]`. `TrainerEvaluator` runs the trainer's own
+evaluation loop on the live model without touching the trainer's state; a plain function works as well:
+
+```python
+def evaluator(model):
+    return {"accuracy": my_accuracy(model)}
+```
+
+A metric may also be given item by item, as a list of per-item scores whose mean is the metric: the same items, in
+the same order, at every call. The report then gives every gain a confidence interval (`intervals`), and
+`min_gain="significant"` can tell a gain from noise. `LMEvalEvaluator` does this for every metric lm-eval averages
+over documents:
+
+```python
+def evaluator(model):
+    return {"accuracy": [float(my_prediction(model, x) == y) for x, y in dev_set]}
+```
+
+`search="racing"` also asks for subsets of the items: an evaluator that takes `items`, a mapping from each group of
+items (the task of a `task/metric` name, or the metric itself) to the indices to score, returns the per-item scores
+of those items only, in that order:
+
+```python
+def evaluator(model, items=None):
+    chosen = range(len(dev_set)) if items is None else items["accuracy"]
+    return {"accuracy": [float(my_prediction(model, dev_set[i][0]) == dev_set[i][1]) for i in chosen]}
+```
+
+The `Objective` turns metrics into the selection score: one metric with its direction (the trainer's
+`metric_for_best_model` and `greater_is_better`), or the mean of several, like the ExMe paper's "overall
+performance".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from numbers import Real
+from typing import Any
+
+import torch
+
+__all__ = ["Evaluator", "Objective", "Scorer", "muted", "numeric_metrics", "preserved_rng"]
+
+Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
+_DIRECTIONS = {"max": True, "min": False, True: True, False: False}
+
+
+class Objective:
+    """The selection score: one metric, or the mean of several metrics each with its own direction.
+
+    With one direction for all metrics the score is their mean, in that direction. With mixed directions each
+    lower-is-better metric enters the mean negated, and the score is greater-is-better.
+
+    Metric names are looked up as given, then with the `eval_` prefix the trainer adds (`"loss"` finds
+    `"eval_loss"`), like `TrainingArguments.metric_for_best_model`.
+
+    Args:
+        metrics (`Mapping[str, bool]`): metric name -> whether greater is better.
+
+    Example:
+
+    ```python
+    >>> objective = Objective.from_spec({"eval_accuracy": "max", "eval_f1": "max"})
+    >>> objective({"eval_accuracy": 0.5, "eval_f1": 0.7})
+    0.6
+    ```
+    """
+
+    def __init__(self, metrics: Mapping[str, bool]):
+        if not metrics:
+            raise ValueError("`metrics` must name at least one metric.")
+        self.metrics = dict(metrics)
+        directions = set(self.metrics.values())
+        self.greater_is_better = directions.pop() if len(directions) == 1 else True
+        self._signed = len(set(self.metrics.values())) > 1
+
+    @classmethod
+    def from_spec(
+        cls,
+        metrics: str | Sequence[str] | Mapping[str, str | bool] | None = None,
+        metric_for_best_model: str | None = None,
+        greater_is_better: bool | None = None,
+    ) -> Objective:
+        """Build the objective from the callback's `metrics` argument, or from the trainer's settings.
+
+        Args:
+            metrics (`str`, `Sequence[str]` or `Mapping[str, str | bool]`, *optional*): metric names, or names
+                mapped to `"max"`/`"min"` (or `greater_is_better` booleans). A bare name is lower-is-better when
+                it ends in `"loss"`, the rule of `TrainingArguments.greater_is_better`.
+            metric_for_best_model (`str`, *optional*): used when `metrics` is `None`; defaults to `"eval_loss"`.
+            greater_is_better (`bool`, *optional*): the direction of `metric_for_best_model`.
+        """
+        if metrics is None:
+            name = metric_for_best_model or "eval_loss"
+            direction = greater_is_better if metric_for_best_model is not None else None
+            return cls({name: _default_direction(name) if direction is None else bool(direction)})
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        if isinstance(metrics, Mapping):
+            spec = {}
+            for name, direction in metrics.items():
+                if not isinstance(name, str) or direction not in _DIRECTIONS:
+                    raise ValueError(f"`metrics` must map metric names to 'max' or 'min', got {name!r}: {direction!r}")
+                spec[name] = _DIRECTIONS[direction]
+            return cls(spec)
+        if not isinstance(metrics, Sequence) or not metrics or not all(isinstance(m, str) for m in metrics):
+            raise ValueError(f"`metrics` must be a non-empty list of metric names, got {metrics!r}")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"`metrics` must not repeat a name, got {metrics!r}")
+        return cls({name: _default_direction(name) for name in metrics})
+
+    @classmethod
+    def for_evaluator(
+        cls, evaluator, metric_for_best_model: str | None = None, greater_is_better: bool | None = None
+    ) -> Objective:
+        """The default objective of an evaluator: the mean of its `directions` (an `LMEvalEvaluator`'s task
+        metrics, a `LossEvaluator`'s `eval_loss`), else the trainer's `metric_for_best_model` (see `from_spec`)."""
+        directions = getattr(evaluator, "directions", None)
+        return cls(directions) if directions else cls.from_spec(None, metric_for_best_model, greater_is_better)
+
+    @property
+    def name(self) -> str:
+        """`"eval_loss"` for one metric, `"mean(eval_a, -eval_b)"` for several."""
+        if len(self.metrics) == 1:
+            return next(iter(self.metrics))
+        signs = {name: "-" if self._signed and not up else "" for name, up in self.metrics.items()}
+        return "mean(" + ", ".join(signs[name] + name for name in self.metrics) + ")"
+
+    def gain_weights(self) -> dict[str, float]:
+        """Each metric's weight in a gain, `+1/M` or `-1/M` (lower is better): the gain of one evaluation over another
+        is `sum_m w_m * (a_m - b_m)`, positive when better."""
+        return {name: (1.0 if up else -1.0) / len(self.metrics) for name, up in self.metrics.items()}
+
+    def items(self, items: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+        """The per-item scores of this objective's metrics, by the objective's names; empty unless every metric has
+        them (an interval needs all of them)."""
+        found = {}
+        for name in self.metrics:
+            key = _lookup(name, items)
+            if key is None:
+                return {}
+            found[name] = list(items[key])
+        return found
+
+    def values(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """The metrics this objective reads, by the name they were found under.
+
+        Raises:
+            `KeyError`: a metric is missing; the message lists what the evaluation produced.
+            `TypeError`: a metric is not a real number.
+        """
+        found = {}
+        for name in self.metrics:
+            key = _lookup(name, metrics)
+            if key is None:
+                raise KeyError(
+                    f"The metric {name!r} is not in the evaluation's output, which has {sorted(metrics)}. Set "
+                    "`metric_for_best_model` (or the callback's `metrics`) to one of them."
+                )
+            value = metrics[key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise TypeError(f"The metric {key!r} must be a real number, got {value!r}")
+            found[key] = float(value)
+        return found
+
+    def __call__(self, metrics: Mapping[str, Any]) -> float:
+        """The selection score of one evaluation (NaN or inf when a metric is)."""
+        values = self.values(metrics).values()
+        if self._signed:
+            values = [v if up else -v for v, up in zip(values, self.metrics.values())]
+        return math.fsum(values) / len(self.metrics)
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name!r}, greater_is_better={self.greater_is_better})"
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The real-valued metrics of an evaluation, without the trainer's timing entries and `epoch`."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, Real) and not isinstance(value, bool) and key != "epoch" and not key.endswith(_TIMINGS)
+    }
+
+
+_TIMINGS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+
+
+class Scorer:
+    """An evaluator and the objective that makes its metrics one score: the one place metrics become a score.
+
+    Calling it evaluates the live model (with the trainer's callbacks muted, the model's training mode restored)
+    and returns the score and the real-valued metrics. Errors name the evaluator (`name`) and the missing metric.
+
+    Args:
+        evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`): scores a model.
+        objective (`Objective`): metrics -> score.
+        name (`str`, *optional*, defaults to `"evaluator"`): the evaluator's name in error messages.
+        trainer (`transformers.Trainer`, *optional*): muted while the evaluator runs (no callbacks, no logs).
+    """
+
+    def __init__(self, evaluator: Evaluator, objective: Objective, name: str = "evaluator", trainer=None):
+        self.evaluator, self.objective, self.name, self.trainer = evaluator, objective, name, trainer
+
+    def score(self, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+        """The score of an evaluation's metrics, the metrics kept for the report, and the per-item scores of the
+        objective's metrics (empty unless the evaluator gave all of them item by item)."""
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"`{self.name}` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+        items = {key: self._items(key, value) for key, value in metrics.items() if _is_items(value)}
+        metrics = {**metrics, **{key: math.fsum(values) / len(values) for key, values in items.items()}}
+        try:
+            return self.objective(metrics), numeric_metrics(metrics), self.objective.items(items)
+        except KeyError as error:
+            raise KeyError(f"ExMe: {error.args[0]}") from None
+
+    def _items(self, key: str, values) -> list[float]:
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        if not values or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+            raise TypeError(
+                f"`{self.name}` gave `{key}` as a list: it must be a non-empty list of per-item scores (numbers), "
+                f"got {values[:5]!r}{'...' if len(values) > 5 else ''}"
+            )
+        return [float(v) for v in values]
+
+    def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> tuple:
+        """Evaluate the live model: `(score, metrics, items)` (see `score`); on a subset of the items (group -> item
+        indices, for racing) when `items` is given."""
+        was_training = model.training
+        try:
+            with muted(self.trainer) if self.trainer is not None else contextlib.nullcontext():
+                metrics = self.evaluator(model) if items is None else self.evaluator(model, items=items)
+        finally:
+            model.train(was_training)
+        return self.score(metrics)
+
+    def evaluation(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> tuple[float, dict, dict, bool]:
+        """The score, metrics and per-item scores of a training evaluation: from the trainer's own `metrics` when the
+        evaluator would compute the same (`reuses_training_scores`), else from evaluating the live model. The last
+        item says which (`True`: evaluated now)."""
+        if getattr(self.evaluator, "reuses_training_scores", False):
+            return (*self.score(metrics), False)
+        return (*self(model), True)
+
+    def score_into(self, model: torch.nn.Module, candidate, heldout: bool = False):
+        """Evaluate the live model into `candidate`'s selection fields (its held-out ones with `heldout=True`); a
+        non-finite selection score marks the candidate as not choosable."""
+        score, metrics, items = self(model)
+        if heldout:
+            candidate.heldout_score, candidate.heldout_metrics, candidate.heldout_items = score, metrics, items
+        else:
+            candidate.score, candidate.metrics, candidate.items = score, metrics, items
+            if not math.isfinite(score):
+                candidate.error = f"non-finite score {score}"
+        return candidate
+
+
+def _lookup(name: str, metrics: Mapping[str, Any]) -> str | None:
+    """The key `name` is found under: as given, or with the `eval_` prefix the trainer adds."""
+    return next((key for key in (name, f"eval_{name}") if key in metrics), None)
+
+
+def _is_items(value) -> bool:
+    """Whether a metric's value is given item by item (a list, tuple or 1-D tensor)."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim == 1)
+
+
+def _default_direction(name: str) -> bool:
+    return not name.endswith("loss")
+
+
+@contextlib.contextmanager
+def muted(trainer) -> Iterator[None]:
+    """Run trainer methods without callbacks and without new `log_history` entries."""
+    handler, history = trainer.callback_handler, trainer.state.log_history
+    callbacks, n_logs, control = handler.callbacks, len(history), trainer.control
+    handler.callbacks = []
+    try:
+        yield
+    finally:
+        handler.callbacks = callbacks
+        del history[n_logs:]
+        trainer.control = control
+
+
+@contextlib.contextmanager
+def preserved_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block with Python's, NumPy's and torch's global RNGs seeded with `seed`, then put them back."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            if seed is not None:
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
