@@ -282,7 +282,7 @@ def test_lm_eval_evaluator_hides_only_hflm_live_model_warnings(lm_eval_tasks, ca
     from conftest import make_llama
     from lm_eval.models.huggingface import HFLM
 
-    from exme_callback.evaluators import _without_live_model_warnings
+    from exme_callback.evaluators.lm_eval import _without_live_model_warnings
 
     _, evaluator = lm_eval_tasks
     logger = logging.getLogger("lm_eval.models.huggingface")

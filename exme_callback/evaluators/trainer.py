@@ -1,0 +1,39 @@
+"""`TrainerEvaluator`: the trainer's own evaluation loop on the live model, leaving the trainer as it was."""
+
+from __future__ import annotations
+
+import torch
+
+from ..scoring import muted
+
+__all__ = ["TrainerEvaluator"]
+
+
+class TrainerEvaluator:
+    """Scores the live model with `trainer.evaluate()`, leaving the trainer as it was.
+
+    During the call the trainer's callbacks are muted (no early stopping counts, no `eval_*` logs, no other
+    callback sees the candidate) and `trainer.state.log_history` is put back, so candidate evaluations never mix
+    with the training's own. The metrics keep the trainer's `eval_` prefix, so `metric_for_best_model` names the
+    same metric during training and in the sweep.
+
+    Args:
+        trainer (`transformers.Trainer`): the trainer (a TRL trainer works the same).
+        eval_dataset (`Dataset` or `dict[str, Dataset]`, *optional*): evaluate on this instead of the trainer's
+            `eval_dataset`. Scores from training are then not reused.
+    """
+
+    def __init__(self, trainer, eval_dataset=None):
+        self.trainer = trainer
+        self.eval_dataset = eval_dataset
+
+    @property
+    def reuses_training_scores(self) -> bool:
+        """Whether checkpoint scores from training equal this evaluator's (same trainer, same data)."""
+        return self.eval_dataset is None
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        if model is not self.trainer.model:
+            raise ValueError("`TrainerEvaluator` can only evaluate its trainer's own model (`trainer.model`).")
+        with muted(self.trainer):
+            return dict(self.trainer.evaluate(eval_dataset=self.eval_dataset))
