@@ -3,7 +3,7 @@
 from .arithmetic import combine, extrapolate, interpolate, span_point
 from .callback import ExMeCallback
 from .evaluators import LMEvalEvaluator, LossEvaluator, TrainerEvaluator
-from .scoring import Objective
+from .scoring import Evaluator, Objective
 from .search import Candidate, Checkpoint, exme_coefficients
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Candidate",
     "Checkpoint",
+    "Evaluator",
     "ExMeCallback",
     "LMEvalEvaluator",
     "LossEvaluator",

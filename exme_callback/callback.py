@@ -18,9 +18,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import pipeline, sharding
-from .evaluators import LMEvalEvaluator, TrainerEvaluator
+from .evaluators import TrainerEvaluator
 from .report import Report
-from .scoring import Evaluator, Objective, Scorer
+from .scoring import Evaluator, Objective, Scorer, as_evaluator
 from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, SearchSettings, rank_checkpoints
 from .snapshots import STORAGES, SnapshotStore, load_resume_state, save_state, trainable_tensors
 
@@ -130,9 +130,10 @@ class ExMeCallback(TrainerCallback):
     ):
         if trainer is not None and not (hasattr(trainer, "evaluate") and hasattr(trainer, "callback_handler")):
             raise TypeError(f"`trainer` must be a `transformers.Trainer`, got {type(trainer).__name__}")
-        for name, value in (("evaluator", evaluator), ("report_evaluator", report_evaluator)):
-            if value is not None and not callable(value):
-                raise TypeError(f"`{name}` must be a callable `model -> dict[str, float]`, got {value!r}")
+        if evaluator is not None:
+            evaluator = as_evaluator(evaluator, "evaluator")
+        if report_evaluator is not None:
+            report_evaluator = as_evaluator(report_evaluator, "report_evaluator")
         if trainer is None and evaluator is None:
             raise ValueError(
                 "ExMeCallback needs a way to score candidates: pass the trainer (`ExMeCallback(trainer)`) or an "
@@ -183,15 +184,15 @@ class ExMeCallback(TrainerCallback):
             pipeline.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
         tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
         for evaluator in (self.evaluator, self.report_evaluator):
-            if isinstance(evaluator, LMEvalEvaluator):
-                evaluator.tokenizer = evaluator.tokenizer or tokenizer
+            if evaluator is not None:
+                evaluator.use_tokenizer(tokenizer)
         self.objective = self.objective or Objective.for_evaluator(
             self.evaluator, args.metric_for_best_model, args.greater_is_better
         )
         self._scorer = Scorer(self.evaluator, self.objective, trainer=self.trainer)
         if self.report_evaluator is not None:
             self.heldout_objective = self.heldout_objective or Objective(
-                getattr(self.report_evaluator, "directions", None) or self.objective.metrics
+                self.report_evaluator.directions or self.objective.metrics
             )
             self._heldout = Scorer(self.report_evaluator, self.heldout_objective, "report_evaluator", self.trainer)
         # Under FSDP2 and ZeRO-3 each rank keeps its own shards; every rank of a multi-process run has its own folder.

@@ -16,7 +16,6 @@ The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import tempfile
@@ -32,7 +31,7 @@ from .intervals import gain_interval
 from .kinship import METRICS, Gram
 from .lora import LoraPlane, check_peft_model, is_peft_model
 from .report import Report, publish_dir
-from .scoring import Scorer, preserved_rng
+from .scoring import Scorer, as_evaluator, preserved_rng
 from .search import (
     DEFAULT_DENSITIES,
     Candidate,
@@ -162,19 +161,13 @@ def check_items(evaluations: Sequence[Checkpoint | Candidate], settings: SearchS
 
 
 def check_racing(evaluator, settings: SearchSettings) -> None:
-    """Refuse `search="racing"` with an evaluator that cannot score a subset of its items (no `items` argument)."""
-    if settings.search != "racing":
-        return
-    try:
-        parameters = inspect.signature(evaluator).parameters.values()
-    except (TypeError, ValueError):  # a callable without a signature
-        parameters = []
-    if not any(p.name == "items" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    """Refuse `search="racing"` with an evaluator that cannot score a subset of its items (`scores_subsets`)."""
+    if settings.search == "racing" and not as_evaluator(evaluator).scores_subsets:
         raise ValueError(
             "`search='racing'` scores candidates on growing subsets of the items, but the evaluator takes no `items` "
             "argument. Give an evaluator `fn(model, items=None)` that, when `items` maps each group of items (a "
-            "task, or the metric's name) to indices, scores only those (`LMEvalEvaluator` does), or use "
-            "`search='grid'`."
+            "task, or the metric's name) to indices, scores only those (`LMEvalEvaluator` does; an `Evaluator` "
+            "subclass declares `scores_subsets = True`), or use `search='grid'`."
         )
 
 

@@ -1,7 +1,10 @@
 """How candidates are scored: evaluators (model -> metrics) and the objective (metrics -> one selection score).
 
-An evaluator is any callable `evaluator(model) -> Mapping[str, float]`. `TrainerEvaluator` runs the trainer's own
-evaluation loop on the live model without touching the trainer's state; a plain function works as well:
+An evaluator scores the live model: `evaluator(model) -> Mapping[str, float]`. `Evaluator` is the protocol, a small
+base class whose class attributes declare what an evaluator can do beyond that (its default objective, scoring a
+subset of its items, reusing the training's scores); callers read them, never probe. `TrainerEvaluator`,
+`LMEvalEvaluator` and `LossEvaluator` (in `evaluators/`) subclass it, and a plain function works as well
+(`as_evaluator` wraps it):
 
 ```python
 def evaluator(model):
@@ -18,9 +21,9 @@ def evaluator(model):
     return {"accuracy": [float(my_prediction(model, x) == y) for x, y in dev_set]}
 ```
 
-`search="racing"` also asks for subsets of the items: an evaluator that takes `items`, a mapping from each group of
-items (the task of a `task/metric` name, or the metric itself) to the indices to score, returns the per-item scores
-of those items only, in that order:
+`search="racing"` also asks for subsets of the items: an evaluator that takes `items` (`scores_subsets`), a mapping
+from each group of items (the task of a `task/metric` name, or the metric itself) to the indices to score, returns
+the per-item scores of those items only, in that order:
 
 ```python
 def evaluator(model, items=None):
@@ -36,6 +39,7 @@ performance".
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,9 +48,102 @@ from typing import Any
 
 import torch
 
-__all__ = ["Evaluator", "Objective", "Scorer", "muted", "numeric_metrics", "preserved_rng"]
+__all__ = [
+    "Evaluator",
+    "FunctionEvaluator",
+    "Objective",
+    "Scorer",
+    "as_evaluator",
+    "muted",
+    "numeric_metrics",
+    "preserved_rng",
+]
 
-Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
+
+class Evaluator:
+    """The evaluator protocol: scores a model, and declares its optional capabilities as class attributes.
+
+    Subclass it and define `__call__`; set the attributes your evaluator has (each is off by default). A plain
+    function needs no class: `as_evaluator` wraps it. Callers read these attributes and never probe an evaluator's
+    type or signature.
+
+    Attributes:
+        directions (`Mapping[str, bool]`, *optional*, defaults to `None`): metric -> whether greater is better. The
+            default objective is their mean (`Objective.for_evaluator`); `None`: the trainer's `metric_for_best_model`.
+        scores_subsets (`bool`, *optional*, defaults to `False`): `__call__` accepts `items`, a mapping from each
+            group of items (the task of a `task/metric` name, or the metric itself) to the indices to score, and then
+            returns the per-item scores of those items only, in that order; `search="racing"` needs it. `items` is
+            never passed to an evaluator without it, so its `__call__(self, model)` may leave it out.
+        reuses_training_scores (`bool`, *optional*, defaults to `False`): the metrics of a training evaluation are
+            this evaluator's, so a checkpoint's score is read from them instead of evaluating the model again.
+
+    Example:
+
+    ```python
+    class Accuracy(Evaluator):
+        directions = {"accuracy": True}
+        scores_subsets = True
+
+        def __call__(self, model, items=None):
+            chosen = range(len(dev_set)) if items is None else items["accuracy"]
+            return {"accuracy": [float(my_prediction(model, dev_set[i][0]) == dev_set[i][1]) for i in chosen]}
+    ```
+    """
+
+    directions: Mapping[str, bool] | None = None
+    scores_subsets: bool = False
+    reuses_training_scores: bool = False
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Take the trainer's tokenizer (its `processing_class`): the callback calls this at train begin. The
+        default ignores it."""
+
+    def __call__(
+        self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None
+    ) -> Mapping[str, float | Sequence[float]]:
+        """The metrics of the live model: each a number, or the per-item scores whose mean it is (the same items, in
+        the same order, at every call); only those of the items in `items` when it is given (`scores_subsets`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define `__call__(self, model)`.")
+
+
+class FunctionEvaluator(Evaluator):
+    """A plain callable as an `Evaluator`: `fn(model) -> dict`, or `fn(model, items=None) -> dict`.
+
+    `scores_subsets` is read once, from the signature: a parameter named `items`, or `**kwargs` (a callable without
+    a signature: `False`). `items` is passed only when given, so `fn(model)` is called exactly as before.
+
+    Args:
+        fn (`Callable[..., Mapping[str, float]]`): the evaluator.
+    """
+
+    def __init__(self, fn: Callable[..., Mapping[str, Any]]):
+        self.fn = fn
+        try:
+            parameters = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a callable without a signature
+            parameters = []
+        self.scores_subsets = any(p.name == "items" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> Mapping:
+        return self.fn(model) if items is None else self.fn(model, items=items)
+
+    def __repr__(self) -> str:
+        return f"FunctionEvaluator({self.fn!r})"
+
+
+def as_evaluator(fn: Evaluator | Callable[..., Mapping[str, Any]], name: str = "evaluator") -> Evaluator:
+    """`fn` as an `Evaluator`: an `Evaluator` as is, a plain callable wrapped once (`FunctionEvaluator`).
+
+    Raises:
+        `TypeError`: `fn` is not callable; the message names it as `name`.
+    """
+    if isinstance(fn, Evaluator):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be a callable `model -> dict[str, float]` (or an `Evaluator`), got {fn!r}")
+    return FunctionEvaluator(fn)
+
+
 _DIRECTIONS = {"max": True, "min": False, True: True, False: False}
 
 
@@ -120,7 +217,7 @@ class Objective:
     ) -> Objective:
         """The default objective of an evaluator: the mean of its `directions` (an `LMEvalEvaluator`'s task
         metrics, a `LossEvaluator`'s `eval_loss`), else the trainer's `metric_for_best_model` (see `from_spec`)."""
-        directions = getattr(evaluator, "directions", None)
+        directions = as_evaluator(evaluator).directions
         return cls(directions) if directions else cls.from_spec(None, metric_for_best_model, greater_is_better)
 
     @property
@@ -200,14 +297,16 @@ class Scorer:
     and returns the score and the real-valued metrics. Errors name the evaluator (`name`) and the missing metric.
 
     Args:
-        evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`): scores a model.
+        evaluator (`Evaluator` or `Callable[[torch.nn.Module], Mapping[str, float]]`): scores a model (a plain
+            callable is wrapped with `as_evaluator`).
         objective (`Objective`): metrics -> score.
         name (`str`, *optional*, defaults to `"evaluator"`): the evaluator's name in error messages.
         trainer (`transformers.Trainer`, *optional*): muted while the evaluator runs (no callbacks, no logs).
     """
 
-    def __init__(self, evaluator: Evaluator, objective: Objective, name: str = "evaluator", trainer=None):
-        self.evaluator, self.objective, self.name, self.trainer = evaluator, objective, name, trainer
+    def __init__(self, evaluator: Evaluator | Callable, objective: Objective, name: str = "evaluator", trainer=None):
+        self.evaluator = as_evaluator(evaluator, name)
+        self.objective, self.name, self.trainer = objective, name, trainer
 
     def score(self, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
         """The score of an evaluation's metrics, the metrics kept for the report, and the per-item scores of the
@@ -245,7 +344,7 @@ class Scorer:
         """The score, metrics and per-item scores of a training evaluation: from the trainer's own `metrics` when the
         evaluator would compute the same (`reuses_training_scores`), else from evaluating the live model. The last
         item says which (`True`: evaluated now)."""
-        if getattr(self.evaluator, "reuses_training_scores", False):
+        if self.evaluator.reuses_training_scores:
             return (*self.score(metrics), False)
         return (*self(model), True)
 

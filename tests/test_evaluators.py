@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import regression_args
+from conftest import make_tokenizer, regression_args
 from transformers import Trainer, TrainerCallback
 
 from exme_callback.evaluators import TrainerEvaluator
@@ -313,3 +313,26 @@ def test_lm_eval_scores_the_documents_asked_for(lm_eval_tasks):
     subset = evaluator(model, items={"toy_choice": [1, 3, 6], "toy_generate": [0, 2]})
     assert subset["toy_choice/acc"] == [full["toy_choice/acc"][i] for i in (1, 3, 6)]
     assert subset["toy_generate/exact_match"] == [full["toy_generate/exact_match"][i] for i in (0, 2)]
+
+
+def test_evaluators_declare_their_capabilities(lm_eval_tasks, tokenizer, regression, tmp_path):
+    import copy
+
+    from exme_callback.evaluators import LossEvaluator
+
+    _, evaluator = lm_eval_tasks
+    assert evaluator.scores_subsets and not evaluator.reuses_training_scores
+    own = evaluator.tokenizer
+    borrowed = copy.copy(evaluator)
+    borrowed.use_tokenizer(tokenizer)
+    assert borrowed.tokenizer is own is not tokenizer  # one given at construction is kept
+    borrowed.tokenizer = None
+    borrowed.use_tokenizer(tokenizer)
+    assert borrowed.tokenizer is tokenizer  # none given: the trainer's
+    loss = LossEvaluator([{"text": "the cat"}], tokenizer)
+    assert loss.directions == {"eval_loss": False} and not loss.scores_subsets and not loss.reuses_training_scores
+    loss.use_tokenizer(make_tokenizer())
+    assert loss.tokenizer is tokenizer
+    model, _, eval_data = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path), eval_dataset=eval_data)
+    assert TrainerEvaluator(trainer).directions is None and not TrainerEvaluator(trainer).scores_subsets

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from exme_callback.scoring import Objective, Scorer, numeric_metrics
+from exme_callback.scoring import Evaluator, FunctionEvaluator, Objective, Scorer, as_evaluator, numeric_metrics
 
 
 def test_objective_defaults_follow_the_trainer():
@@ -64,3 +64,57 @@ def test_malformed_per_item_scores_name_the_evaluator_and_metric(values):
     scorer = Scorer(lambda model: {"acc": values}, Objective({"acc": True}), name="report_evaluator")
     with pytest.raises(TypeError, match="`report_evaluator` gave `acc` as a list: it must be a non-empty list"):
         scorer(torch.nn.Linear(1, 1))
+
+
+def test_as_evaluator_reads_scores_subsets_once_from_the_signature():
+    def plain(model):
+        return {"acc": 1.0}
+
+    def subsets(model, items=None):
+        return {"acc": [1.0, 0.0] if items is None else [float(i) for i in items["acc"]]}
+
+    model = torch.nn.Linear(1, 1)
+    wrapped = as_evaluator(plain)
+    assert isinstance(wrapped, FunctionEvaluator) and wrapped.scores_subsets is False
+    assert wrapped.directions is None and wrapped.reuses_training_scores is False
+    assert wrapped(model) == {"acc": 1.0}  # called as `fn(model)`, as before
+    assert as_evaluator(subsets).scores_subsets is True
+    assert as_evaluator(subsets)(model) == {"acc": [1.0, 0.0]}
+    assert as_evaluator(subsets)(model, items={"acc": [1]}) == {"acc": [1.0]}
+    assert as_evaluator(lambda model, **kwargs: {}).scores_subsets is True
+    assert as_evaluator(max).scores_subsets is False  # a builtin without a signature
+    assert as_evaluator(wrapped) is wrapped and Scorer(wrapped, Objective({"acc": True})).evaluator is wrapped
+    assert isinstance(Scorer(plain, Objective({"acc": True})).evaluator, FunctionEvaluator)
+    with pytest.raises(TypeError, match="`report_evaluator` must be a callable `model -> dict"):
+        as_evaluator(3, "report_evaluator")
+
+
+class _Declared(Evaluator):
+    """Declares its metrics' directions and that the training's scores are its own."""
+
+    directions = {"eval_acc": True, "eval_loss": False}
+    reuses_training_scores = True
+
+    def __call__(self, model):
+        return {"eval_acc": 1.0, "eval_loss": 0.0}
+
+
+def test_an_evaluator_subclass_declares_its_default_objective_and_reuse():
+    model = torch.nn.Linear(1, 1)
+    objective = Objective.for_evaluator(_Declared(), "eval_f1", True)
+    assert objective.metrics == {"eval_acc": True, "eval_loss": False}
+    assert Objective.for_evaluator(lambda model: {}, "eval_f1", True).metrics == {"eval_f1": True}  # the trainer's
+    training = {"eval_acc": 0.5, "eval_loss": 0.25, "epoch": 1.0}
+    score, metrics, items, fresh = Scorer(_Declared(), objective).evaluation(model, training)
+    assert (score, metrics, items, fresh) == (
+        pytest.approx((0.5 - 0.25) / 2),
+        {"eval_acc": 0.5, "eval_loss": 0.25},
+        {},
+        False,
+    )
+    assert Scorer(_Declared().__call__, objective).evaluation(model, training)[::3] == (pytest.approx(0.5), True)
+    base = Evaluator()
+    assert base.directions is None and base.scores_subsets is False and base.reuses_training_scores is False
+    assert base.use_tokenizer(object()) is None
+    with pytest.raises(NotImplementedError, match="must define `__call__"):
+        base(model)

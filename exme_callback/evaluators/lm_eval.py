@@ -11,12 +11,12 @@ from numbers import Real
 
 import torch
 
-from ..scoring import preserved_rng
+from ..scoring import Evaluator, preserved_rng
 
 __all__ = ["LMEvalEvaluator"]
 
 
-class LMEvalEvaluator:
+class LMEvalEvaluator(Evaluator):
     """lm-evaluation-harness tasks, run in-process on the live model: no reload, no network.
 
     The task manager and the tasks are built once, at construction; every call wraps the live model in lm-eval's
@@ -51,6 +51,8 @@ class LMEvalEvaluator:
     trainer.add_callback(ExMeCallback(trainer, evaluator=evaluator))
     ```
     """
+
+    scores_subsets = True
 
     def __init__(
         self,
@@ -97,6 +99,11 @@ class LMEvalEvaluator:
                 for filter_name in filters:
                     self.directions[_metric_name(name, metric, filter_name)] = bool(higher)
         self._lm = None  # lm-eval's wrapper of the live model, built on the first call
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Take the trainer's tokenizer when none was given at construction; one given is kept."""
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer
 
     def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> dict:
         """The tasks' metrics on the live model (per document where lm-eval averages over documents); only the

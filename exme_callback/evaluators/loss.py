@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..scoring import Evaluator
+
 __all__ = ["LossEvaluator"]
 
 
@@ -16,7 +18,7 @@ __all__ = ["LossEvaluator"]
 _LOSS_FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
 
 
-class LossEvaluator:
+class LossEvaluator(Evaluator):
     r"""The mean token loss of a causal language model on local data, as `{"eval_loss": float}` (lower is better).
 
     The loss is token-weighted over the whole data set (not a mean of per-batch or per-record means):
@@ -63,6 +65,8 @@ class LossEvaluator:
     ```
     """
 
+    directions = {"eval_loss": False}
+
     def __init__(
         self,
         records_or_path: str | os.PathLike | Sequence[Mapping[str, Any]],
@@ -78,7 +82,6 @@ class LossEvaluator:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             raise ValueError(f"`max_length` must be an integer >= 2, got {max_length!r}")
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
-        self.directions: dict[str, bool] = {"eval_loss": False}
 
         # 1. Read the records, each with where it came from, and check that they share one format.
         if isinstance(records_or_path, (str, os.PathLike)):

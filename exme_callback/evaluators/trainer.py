@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..scoring import muted
+from ..scoring import Evaluator, muted
 
 __all__ = ["TrainerEvaluator"]
 
 
-class TrainerEvaluator:
+class TrainerEvaluator(Evaluator):
     """Scores the live model with `trainer.evaluate()`, leaving the trainer as it was.
 
     During the call the trainer's callbacks are muted (no early stopping counts, no `eval_*` logs, no other
