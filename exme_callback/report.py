@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .kinship import METRICS as KINSHIP
+from .scoring import metric_key
 from .search import Candidate, Checkpoint, best
 
 __all__ = ["Report", "publish_dir"]
@@ -418,7 +419,7 @@ def _better(greater_is_better: bool) -> str:
 
 
 def _metric(metrics: dict[str, float], name: str) -> float | None:
-    return metrics.get(name, metrics.get(f"eval_{name}"))
+    return metrics.get(metric_key(name, metrics))
 
 
 def _gain(value: float | None, reference: float | None, greater_is_better: bool) -> str:

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from .arithmetic import Plane
+from .scoring import metric_key
 from .search import Checkpoint, rank_checkpoints
 from .snapshots import STATE_DIR, STATE_FILE, SafetensorsMapping, trainable_tensors
 
@@ -104,8 +105,7 @@ def resolve_metric(state: dict, metric: str | None = None) -> tuple[str, bool]:
         ]
         metric = recorded[0] if len(set(recorded)) == 1 else "eval_loss"
     # `eval_` first: training logs have a `loss` of their own, and `--metric loss` means the evaluation's.
-    lookups = (metric,) if metric.startswith(("eval_", "exme/")) else (f"eval_{metric}", metric)
-    name = next((k for k in lookups if k in keys), None)
+    name = metric_key(metric, keys)
     if name is None:
         timings = ("_runtime", "_samples_per_second", "_steps_per_second")
         evaluated = sorted(k for k in keys if k.startswith(("eval_", "exme/checkpoint/")) and not k.endswith(timings))

@@ -42,7 +42,7 @@ import contextlib
 import inspect
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "Objective",
     "Scorer",
     "as_evaluator",
+    "metric_key",
     "muted",
     "numeric_metrics",
     "preserved_rng",
@@ -147,14 +148,36 @@ def as_evaluator(fn: Evaluator | Callable[..., Mapping[str, Any]], name: str = "
 _DIRECTIONS = {"max": True, "min": False, True: True, False: False}
 
 
+def metric_key(name: str, keys: Container[str]) -> str | None:
+    """The key a metric's `name` is found under in `keys` (an evaluation's metrics, a run's log history), else `None`.
+
+    A name that starts with `eval_` is looked up as given, and only so. Any other name is looked up with the `eval_`
+    prefix first, then as given. This is the trainer's rule for `metric_for_best_model` (`"loss"` is `"eval_loss"`),
+    and it keeps `"loss"` the evaluation's in a run's log history, where the training logs a `loss` of its own;
+    metrics an evaluator names without the prefix (`"task/metric"`, `"accuracy"`, the callback's `"exme/..."` logs)
+    are found as given. So `x` and `eval_x` always name one metric.
+
+    Example:
+
+    ```python
+    >>> metric_key("loss", {"loss": 2.1, "eval_loss": 2.4})
+    'eval_loss'
+    >>> metric_key("accuracy", {"accuracy": 0.5}), metric_key("f1", {"eval_loss": 2.4})
+    ('accuracy', None)
+    ```
+    """
+    lookups = (name,) if name.startswith("eval_") else (f"eval_{name}", name)
+    return next((key for key in lookups if key in keys), None)
+
+
 class Objective:
     """The selection score: one metric, or the mean of several metrics each with its own direction.
 
     With one direction for all metrics the score is their mean, in that direction. With mixed directions each
     lower-is-better metric enters the mean negated, and the score is greater-is-better.
 
-    Metric names are looked up as given, then with the `eval_` prefix the trainer adds (`"loss"` finds
-    `"eval_loss"`), like `TrainingArguments.metric_for_best_model`.
+    Metric names are looked up with `metric_key`: with the `eval_` prefix the trainer adds first (`"loss"` finds
+    `"eval_loss"`, like `TrainingArguments.metric_for_best_model`), then as given.
 
     Args:
         metrics (`Mapping[str, bool]`): metric name -> whether greater is better.
@@ -238,7 +261,7 @@ class Objective:
         them (an interval needs all of them)."""
         found = {}
         for name in self.metrics:
-            key = _lookup(name, items)
+            key = metric_key(name, items)
             if key is None:
                 return {}
             found[name] = list(items[key])
@@ -253,7 +276,7 @@ class Objective:
         """
         found = {}
         for name in self.metrics:
-            key = _lookup(name, metrics)
+            key = metric_key(name, metrics)
             if key is None:
                 raise KeyError(
                     f"The metric {name!r} is not in the evaluation's output, which has {sorted(metrics)}. Set "
@@ -359,11 +382,6 @@ class Scorer:
             if not math.isfinite(score):
                 candidate.error = f"non-finite score {score}"
         return candidate
-
-
-def _lookup(name: str, metrics: Mapping[str, Any]) -> str | None:
-    """The key `name` is found under: as given, or with the `eval_` prefix the trainer adds."""
-    return next((key for key in (name, f"eval_{name}") if key in metrics), None)
 
 
 def _is_items(value) -> bool:

@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from exme_callback.scoring import Evaluator, FunctionEvaluator, Objective, Scorer, as_evaluator, numeric_metrics
+from exme_callback.scoring import (
+    Evaluator,
+    FunctionEvaluator,
+    Objective,
+    Scorer,
+    as_evaluator,
+    metric_key,
+    numeric_metrics,
+)
 
 
 def test_objective_defaults_follow_the_trainer():
@@ -118,3 +126,15 @@ def test_an_evaluator_subclass_declares_its_default_objective_and_reuse():
     assert base.use_tokenizer(object()) is None
     with pytest.raises(NotImplementedError, match="must define `__call__"):
         base(model)
+
+
+def test_metric_key_tries_the_trainers_prefix_first_then_the_name_as_given():
+    assert metric_key("loss", {"loss": 2.1, "eval_loss": 2.4}) == "eval_loss"  # a run's history: the evaluation's
+    assert metric_key("loss", {"loss"}) == "loss"
+    assert metric_key("eval_loss", {"eval_loss", "loss"}) == "eval_loss"
+    assert metric_key("eval_loss", {"eval_eval_loss", "loss"}) is None  # an `eval_` name only as given
+    assert metric_key("toy_choice/acc", {"toy_choice/acc": [1.0]}) == "toy_choice/acc"
+    assert metric_key("exme/checkpoint/score", {"exme/checkpoint/score", "eval_loss"}) == "exme/checkpoint/score"
+    assert metric_key("f1", {"eval_loss"}) is None
+    # The objective reads the same key.
+    assert Objective({"loss": False}).values({"loss": 2.1, "eval_loss": 2.4}) == {"eval_loss": 2.4}
