@@ -177,10 +177,14 @@ class Objective:
     lower-is-better metric enters the mean negated, and the score is greater-is-better.
 
     Metric names are looked up with `metric_key`: with the `eval_` prefix the trainer adds first (`"loss"` finds
-    `"eval_loss"`, like `TrainingArguments.metric_for_best_model`), then as given.
+    `"eval_loss"`, like `TrainingArguments.metric_for_best_model`), then as given. So `"loss"` and `"eval_loss"`
+    are one metric, and naming both is refused.
 
     Args:
         metrics (`Mapping[str, bool]`): metric name -> whether greater is better.
+
+    Raises:
+        `ValueError`: no metric, or two names of one metric.
 
     Example:
 
@@ -195,6 +199,13 @@ class Objective:
         if not metrics:
             raise ValueError("`metrics` must name at least one metric.")
         self.metrics = dict(metrics)
+        for name in self.metrics:
+            key = metric_key(name, self.metrics.keys() - {name})  # another of the names, read for this one
+            if key is not None:
+                raise ValueError(
+                    f"`metrics` names {name!r} and {key!r}, which are one metric, {key!r} (a name is looked up with "
+                    f"the trainer's `eval_` prefix first): name each metric once, got {metrics!r}"
+                )
         directions = set(self.metrics.values())
         self.greater_is_better = directions.pop() if len(directions) == 1 else True
         self._signed = len(set(self.metrics.values())) > 1

@@ -138,3 +138,12 @@ def test_metric_key_tries_the_trainers_prefix_first_then_the_name_as_given():
     assert metric_key("f1", {"eval_loss"}) is None
     # The objective reads the same key.
     assert Objective({"loss": False}).values({"loss": 2.1, "eval_loss": 2.4}) == {"eval_loss": 2.4}
+
+
+def test_objective_refuses_two_names_of_one_metric():
+    # `loss` is looked up as `eval_loss`: both would read one value, and the mean over two names would halve it.
+    with pytest.raises(ValueError, match=r"names 'loss' and 'eval_loss', which are one metric, 'eval_loss'.*once"):
+        Objective({"loss": False, "eval_loss": False})
+    with pytest.raises(ValueError, match=r"names 'acc' and 'eval_acc', which are one metric, 'eval_acc'.*once"):
+        Objective.from_spec(["eval_acc", "acc"])
+    assert Objective({"loss": False, "eval_acc": True})({"eval_loss": 1.0, "eval_acc": 0.5}) == pytest.approx(-0.25)
