@@ -27,7 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .kinship import Flat, Gram, dense_gram, flat
+from .io import Flat, flat
+from .kinship import Gram, dense_gram
 
 __all__ = [
     "DensePlane",
@@ -84,7 +85,7 @@ def _span_into(
     coefficients: Sequence[float],
     workspaces: dict,
 ) -> torch.Tensor:
-    """`span_tensor` into `out`, reading the inputs slice by slice (from memory or from files: `kinship.Flat`), with
+    """`span_tensor` into `out`, reading the inputs slice by slice (from memory or from files: `io.Flat`), with
     slice-sized buffers from `workspaces` (one per wide dtype and device, reused across the tensors of a model)."""
     terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
     numel = out.numel()
@@ -151,7 +152,7 @@ def span_point(
 
     Floating-point tensors are computed in float32 (float64 when an input is float64) and rounded once to their
     own dtype. Non-floating tensors (integer or boolean buffers) are copied from the first checkpoint, never
-    blended. Inputs are read slice by slice (`kinship.flat`): snapshots on disk are never loaded whole.
+    blended. Inputs are read slice by slice (`io.flat`): snapshots on disk are never loaded whole.
 
     Args:
         base (`Mapping[str, torch.Tensor]`): the base model's tensors; its names are the names combined.
@@ -297,7 +298,7 @@ def _lookup(tensors: StateDict, label: str, name: str) -> torch.Tensor:
 
 
 def _flat(tensors: StateDict, label: str, name: str) -> Flat:
-    """`tensors[name]`, read slice by slice (a snapshot on disk is not loaded: `kinship.flat`)."""
+    """`tensors[name]`, read slice by slice (a snapshot on disk is not loaded: `io.flat`)."""
     if name not in tensors:
         raise _missing(label, name)
     return flat(tensors, name)

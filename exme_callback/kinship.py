@@ -35,49 +35,18 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
+
+from .io import flat
 
 __all__ = ["METRICS", "Gram", "LoraModule", "dense_gram", "lora_gram"]
 
 METRICS = ("pearson", "cosine", "euclidean")  # the kinship paper's three metrics
 _WIDE = torch.float64
 _CHUNK = 1 << 18  # entries of a tensor processed at once: k * 2 MiB of float64
-
-
-class Flat(NamedTuple):
-    """One tensor, flattened, read slice by slice: `read(start, stop)` gives its elements `[start, stop)`;
-    `storage` is the address of the memory it lives in (`None` for a file)."""
-
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-    read: Callable[[int, int], torch.Tensor]
-    storage: int | None
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> Flat:
-        """A tensor in memory, sliced where it lies."""
-        whole = tensor.reshape(-1)
-        read = lambda start, stop: whole[start:stop]  # noqa: E731
-        return cls(tensor.shape, tensor.dtype, tensor.device, read, tensor.untyped_storage().data_ptr())
-
-
-def flat(tensors: Mapping[str, torch.Tensor], name: str) -> Flat:
-    """Tensor `name` of `tensors` as a `Flat`. A mapping with `read(name, start, stop)`, `shape(name)` and
-    `dtype(name)` (snapshots on disk: `snapshots.SafetensorsMapping`) is read from its file one slice at a time, so
-    a pass over it holds one slice, not the tensor; any other mapping's tensor is sliced in memory.
-
-    Raises:
-        `KeyError`: `name` is not in `tensors`.
-    """
-    if not hasattr(tensors, "read"):
-        return Flat.of(tensors[name])
-    read = lambda start, stop: tensors.read(name, start, stop)  # noqa: E731
-    return Flat(torch.Size(tensors.shape(name)), tensors.dtype(name), torch.device("cpu"), read, None)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from . import sharding
 from .arithmetic import DensePlane, Plane, Point, StateDict
 from .evaluators import Scorer, preserved_rng
 from .intervals import gain_interval
+from .io import publish_dir
 from .kinship import METRICS, Gram
 from .lora import LoraPlane, check_peft_model, is_peft_model
-from .report import Report, publish_dir
+from .report import Report
 from .search import (
     DEFAULT_DENSITIES,
     Candidate,

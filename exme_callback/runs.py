@@ -26,8 +26,9 @@ import torch
 from safetensors import safe_open
 
 from .arithmetic import Plane
+from .io import SafetensorsMapping
 from .search import Checkpoint, rank_checkpoints
-from .snapshots import STATE_DIR, STATE_FILE, SafetensorsMapping, trainable_tensors
+from .snapshots import STATE_DIR, STATE_FILE, trainable_tensors
 
 __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resolve_metric"]
 
