@@ -104,6 +104,7 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
 
         Raises:
             `KeyError`: no tensor `name` in the mapping.
+            `ValueError`: `[start, stop)` is not a range of the tensor's elements.
             `OSError`: the file ends before the tensor's data does (a truncated file).
         """
         path = self._index[name]  # a KeyError names the missing tensor
@@ -112,7 +113,13 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
         dtype = _DTYPES[entry["dtype"]]
         size = dtype.itemsize
         begin, end = entry["data_offsets"]
-        stop = (end - begin) // size if stop is None else stop
+        numel = (end - begin) // size
+        stop = numel if stop is None else stop
+        if not 0 <= start <= stop <= numel:  # the file goes on with the next tensor's bytes: never read them
+            raise ValueError(
+                f"Cannot read elements [{start}, {stop}) of tensor `{name}`, which has {numel} elements: ask for "
+                f"`0 <= start <= stop <= {numel}`."
+            )
         data = torch.empty((stop - start) * size, dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
             f.seek(offset + begin + start * size)

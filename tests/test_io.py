@@ -68,3 +68,17 @@ def test_publish_dir_on_other_processes_touches_nothing(tmp_path):
         pass
     assert os.listdir(tmp_path) == []
 
+
+def test_safetensors_mapping_refuses_a_range_outside_the_tensor(tmp_path):
+    """Two tensors in one file lie back to back: a read past the end of the first would return the second's bytes."""
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "shard.safetensors")
+    save_file({"a": torch.zeros(4), "b": torch.full((4,), 7.0)}, path)
+    mapping = SafetensorsMapping({"a": path, "b": path})
+    assert torch.equal(mapping.read("a", 0, 4), torch.zeros(4)) and mapping.read("a", 4, 4).numel() == 0
+    for start, stop in [(2, 6), (0, 5), (-1, 2), (3, 2), (5, 5)]:
+        with pytest.raises(ValueError, match=rf"\[{start}, {stop}\) of tensor `a`, which has 4 elements"):
+            mapping.read("a", start, stop)
+    with pytest.raises(ValueError, match=r"\[5, 4\) of tensor `b`"):
+        mapping.read("b", 5)
