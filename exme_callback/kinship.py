@@ -168,9 +168,19 @@ class LoraModule:
 
 def lora_gram(modules: Iterable[LoraModule]) -> Gram:
     """The Gram of LoRA task vectors from their factors: `<c B A, c' B' A'> = c c' tr((B^T B')(A' A^T))` and
-    `sum(c B A) = c (1^T B)(A 1)`, rank-sized products only (float64)."""
+    `sum(c B A) = c (1^T B)(A 1)`, rank-sized products only (float64).
+
+    Args:
+        modules (`Iterable[LoraModule]`): the adapted weights, each with the factors of the same kept checkpoints.
+
+    Returns:
+        `Gram`: the Gram of the task vectors, concatenated over the modules.
+
+    Raises:
+        `ValueError`: `modules` is empty, or two modules have different numbers of checkpoints.
+    """
     inner, sums, numel, k = None, None, 0, None
-    for module in modules:
+    for position, module in enumerate(modules):
         terms = []  # each checkpoint's delta as a list of (coefficient, B, A)
         for b, a in module.checkpoints:
             own = [(module.scaling, b.to(_WIDE).cpu(), a.to(_WIDE).cpu())]
@@ -180,6 +190,11 @@ def lora_gram(modules: Iterable[LoraModule]) -> Gram:
         if k is None:
             k = len(terms)
             inner, sums = torch.zeros(k, k, dtype=_WIDE), torch.zeros(k, dtype=_WIDE)
+        elif len(terms) != k:
+            raise ValueError(
+                f"`modules[{position}]` has {len(terms)} checkpoints but `modules[0]` has {k}: every LoRA module "
+                "needs the factors `(B_i, A_i)` of every kept checkpoint, in the same order."
+            )
         for i in range(k):
             sums[i] += sum(c * (b.sum(0) @ a.sum(1)) for c, b, a in terms[i])
             for j in range(i, k):
