@@ -1,9 +1,9 @@
 """Extrapolation Merging (ExMe) for Hugging Face fine-tuning, as one `TrainerCallback`."""
 
-from .arithmetic import combine, extrapolate, interpolate, span_point
 from .callback import ExMeCallback
 from .evaluators import LMEvalEvaluator, LossEvaluator, Objective, TrainerEvaluator
 from .search import Candidate, Checkpoint, exme_coefficients
+from .span import combine, extrapolate, interpolate, span_point
 
 __version__ = "0.1.0"
 

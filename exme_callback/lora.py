@@ -39,8 +39,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .arithmetic import Point, StateDict, TaskVectorMerge, merge_task_vectors, span_point
+from .arithmetic import Point, TaskVectorMerge, merge_task_vectors
 from .kinship import Gram, LoraModule, dense_gram, lora_gram
+from .span import StateDict, span_point
 
 __all__ = ["LoraPlane", "check_peft_model", "is_peft_model", "quiet_peft_save"]
 

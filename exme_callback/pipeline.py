@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sharding
-from .arithmetic import DensePlane, Plane, Point, StateDict
+from .arithmetic import DensePlane, Plane, Point
 from .evaluators import Scorer, preserved_rng
 from .intervals import gain_interval
 from .io import publish_dir
@@ -52,6 +52,7 @@ from .search import (
     topk_greedy,
 )
 from .snapshots import trainable_tensors
+from .span import StateDict
 
 __all__ = [
     "apply",

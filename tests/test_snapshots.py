@@ -173,12 +173,12 @@ def test_find_names_the_snapshot_equal_to_the_tensors(tmp_path, storage):
 def test_span_and_gram_read_disk_snapshots_slice_by_slice(tmp_path, monkeypatch):
     """Passes over snapshots on disk (a span point, a copy, a comparison, the Gram) equal the passes in memory and
     never read more than one slice at once."""
-    from exme_callback import arithmetic, kinship, snapshots
-    from exme_callback.arithmetic import span_point
+    from exme_callback import kinship, snapshots, span
     from exme_callback.io import SafetensorsMapping
     from exme_callback.kinship import dense_gram
+    from exme_callback.span import span_point
 
-    monkeypatch.setitem(arithmetic._CHUNK, "cpu", 100)
+    monkeypatch.setitem(span._CHUNK, "cpu", 100)
     monkeypatch.setattr(kinship, "_CHUNK", 64)
     monkeypatch.setattr(snapshots, "_SLICE", 100)
     g = torch.Generator().manual_seed(0)
