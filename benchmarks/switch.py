@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from exme_callback.pipeline import make_plane
+from exme_callback.planes import make_plane
 from exme_callback.snapshots import trainable_tensors
 
 SIZES = {  # name -> Llama config (SmolLM2's shapes)

@@ -2,6 +2,7 @@
 
 from .callback import ExMeCallback
 from .evaluators import LMEvalEvaluator, LossEvaluator, Objective, TrainerEvaluator
+from .merges import Merge
 from .search import Candidate, Checkpoint, exme_coefficients
 from .span import combine, extrapolate, interpolate, span_point
 
@@ -13,6 +14,7 @@ __all__ = [
     "ExMeCallback",
     "LMEvalEvaluator",
     "LossEvaluator",
+    "Merge",
     "Objective",
     "TrainerEvaluator",
     "combine",

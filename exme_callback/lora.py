@@ -39,8 +39,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .arithmetic import Point, TaskVectorMerge, merge_task_vectors
 from .kinship import Gram, LoraModule, dense_gram, lora_gram
+from .merges import Merge, merge_task_vectors, seeded
 from .span import StateDict, span_point
 
 __all__ = ["LoraPlane", "check_peft_model", "is_peft_model", "quiet_peft_save"]
@@ -79,7 +79,7 @@ def check_peft_model(model: torch.nn.Module) -> None:
 
 class LoraPlane:
     """The candidates of a LoRA run, written into one live adapter of rank `r1 + ... + rk` (see the module
-    docstring). Implements `arithmetic.Plane`.
+    docstring). Implements `planes.Plane`.
 
     Creating it adds the `"exme"` adapter and activates it; `apply(c)` makes the model compute `theta(c)` (or a merge
     off the span); `save(folder)` saves the current candidate; `close()` puts the trained adapter back as the active
@@ -181,12 +181,14 @@ class LoraPlane:
                 point[name] = effective_weights[name]
         return points
 
-    def apply(self, point: Point) -> None:
-        """Make the model compute `base + sum_i c_i * d_i`, or `base + merge([d_1, ..., d_k])` off the span."""
+    def apply(self, point: Sequence[float] | Merge) -> None:
+        """Make the model compute `base + sum_i c_i * d_i`, or `base + merge([d_1, ..., d_k])` off the span (its
+        random masks drawn inside `seeded(merge.seed)`, for the adapted modules and then the dense tensors)."""
         self._restore_base_layers()
-        self._off_span = callable(point)
+        self._off_span = isinstance(point, Merge)
         if self._off_span:
-            self._apply_merge(point)
+            with seeded(point.seed):
+                self._apply_merge(point)
             return
         coefficients = [*point, 1.0 - sum(point)][: len(self._points)]
         with torch.no_grad():
@@ -204,7 +206,7 @@ class LoraPlane:
                     live_bias.copy_(torch.stack(biases).sum(0))
             span_point(self._dense_points[0], self._dense_points[1:], point, out=self._dense)
 
-    def _apply_merge(self, merge: TaskVectorMerge) -> None:
+    def _apply_merge(self, merge: Merge) -> None:
         """A merge off the span: each adapted module's dense deltas merged into its base layer; "exme" silenced."""
         parameters = dict(self.model.named_parameters())
         trained_factors = {}
@@ -232,7 +234,7 @@ class LoraPlane:
                 live_a.zero_()
                 if live_bias is not None:
                     live_bias.zero_()
-            merge_task_vectors(self._dense_points[0], self._dense_points[1:], merge, out=self._dense)
+            merge_task_vectors(self._dense_points[0], self._dense_points[1:], merge, out=self._dense, reseed=False)
 
     def _restore_base_layers(self) -> None:
         parameters = dict(self.model.named_parameters())

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from .arithmetic import Plane
 from .io import SafetensorsMapping
+from .planes import Plane, make_plane
 from .search import Checkpoint, rank_checkpoints
 from .snapshots import STATE_DIR, STATE_FILE, trainable_tensors
 
@@ -271,7 +271,7 @@ def load_plane(
     """
     import transformers
 
-    from .pipeline import check_model, make_plane
+    from .pipeline import check_model
 
     kinds = {folder: checkpoint_kind(folder) for folder in folders}
     if len(set(kinds.values())) > 1:

@@ -9,8 +9,8 @@ from conftest import dense_weights, make_llama
 from torch.testing import assert_close
 
 from exme_callback import kinship
-from exme_callback.arithmetic import DensePlane
 from exme_callback.kinship import METRICS, LoraModule, dense_gram, lora_gram
+from exme_callback.planes import DensePlane
 from exme_callback.snapshots import trainable_tensors
 
 POINTS = [((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)), ((1.2, 0.0, 0.0), (0.0, 0.0, 1.3)), ((0.6, 0.55, 0.0), (0.2, 0.1, 0.9))]
