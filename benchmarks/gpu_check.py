@@ -37,7 +37,7 @@ from quickstart import BATCH_SIZE, load_model, load_splits  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from exme_callback import ExMeCallback, LMEvalEvaluator, pipeline, snapshots  # noqa: E402
+from exme_callback import ExMeCallback, LMEvalEvaluator, planes, snapshots  # noqa: E402
 
 RUNS = ("lora", "full", "fsdp2", "zero3")
 
@@ -48,7 +48,7 @@ class Probe:
 
     def __init__(self):
         self.pinned, self.devices, self.switches = [], set(), []
-        save, make_plane = snapshots.SnapshotStore.save, pipeline.make_plane
+        save, make_plane = snapshots.SnapshotStore.save, planes.make_plane
         probe = self
 
         def recording_save(store, key, tensors):
@@ -72,7 +72,7 @@ class Probe:
             return plane
 
         snapshots.SnapshotStore.save = recording_save
-        pipeline.make_plane = timed_plane
+        planes.make_plane = timed_plane
 
 
 def synchronize() -> None:

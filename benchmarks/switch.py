@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from exme_callback.pipeline import make_plane
+from exme_callback.planes import make_plane
 from exme_callback.snapshots import trainable_tensors
 
 SIZES = {  # name -> Llama config (SmolLM2's shapes)
@@ -99,7 +99,7 @@ def dense(dtype: torch.dtype, repeats: int) -> dict:
 
     plane.apply(POINT)
     differing = off_boundary = 0
-    for name, t in live.items():  # against the float64 value rounded once, as tests/test_arithmetic.py checks
+    for name, t in live.items():  # against the float64 value rounded once, as tests/test_span.py checks
         b, t1, t2 = base[name].double(), sft1[name].double(), sft2[name].double()
         exact = b + c1 * (t1 - b) + c2 * (t2 - b)
         expected = exact.to(dtype)

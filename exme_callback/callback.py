@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import pipeline, sharding
+from . import pipeline, planes, sharding
 from .evaluators import TrainerEvaluator
 from .report import Report
 from .scoring import Evaluator, Objective, Scorer, as_evaluator
@@ -267,12 +267,12 @@ class ExMeCallback(TrainerCallback):
             if trained is None:
                 trained = "trained"
                 store.save(trained, trainable_tensors(model))
-            plane = pipeline.make_plane(
+            plane = planes.make_plane(
                 model,
                 store.load("base"),
                 [store.load(key) for key in kept],
                 store.load(trained),
-                # A sharded model is gathered by `pipeline.save_pretrained`, whatever the trainer's settings.
+                # A sharded model is gathered by `planes.save_pretrained`, whatever the trainer's settings.
                 save_model=None if self.trainer is None or self._sharded else self.trainer.save_model,
                 save_merged=self.save_merged,
             )

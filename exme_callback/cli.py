@@ -378,7 +378,7 @@ def _run(args) -> None:
 
 def _apply(args) -> None:
     """`exme apply`: one candidate, written as a model folder."""
-    from .report import publish_dir
+    from .io import publish_dir
     from .runs import load_plane
 
     loaded = load_plane(args.base, args.checkpoint, dtype=_dtype(args.dtype), device=args.device)

@@ -35,49 +35,18 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
+
+from .io import flat
 
 __all__ = ["METRICS", "Gram", "LoraModule", "dense_gram", "lora_gram"]
 
 METRICS = ("pearson", "cosine", "euclidean")  # the kinship paper's three metrics
 _WIDE = torch.float64
 _CHUNK = 1 << 18  # entries of a tensor processed at once: k * 2 MiB of float64
-
-
-class Flat(NamedTuple):
-    """One tensor, flattened, read slice by slice: `read(start, stop)` gives its elements `[start, stop)`;
-    `storage` is the address of the memory it lives in (`None` for a file)."""
-
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-    read: Callable[[int, int], torch.Tensor]
-    storage: int | None
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> Flat:
-        """A tensor in memory, sliced where it lies."""
-        whole = tensor.reshape(-1)
-        read = lambda start, stop: whole[start:stop]  # noqa: E731
-        return cls(tensor.shape, tensor.dtype, tensor.device, read, tensor.untyped_storage().data_ptr())
-
-
-def flat(tensors: Mapping[str, torch.Tensor], name: str) -> Flat:
-    """Tensor `name` of `tensors` as a `Flat`. A mapping with `read(name, start, stop)`, `shape(name)` and
-    `dtype(name)` (snapshots on disk: `snapshots.SafetensorsMapping`) is read from its file one slice at a time, so
-    a pass over it holds one slice, not the tensor; any other mapping's tensor is sliced in memory.
-
-    Raises:
-        `KeyError`: `name` is not in `tensors`.
-    """
-    if not hasattr(tensors, "read"):
-        return Flat.of(tensors[name])
-    read = lambda start, stop: tensors.read(name, start, stop)  # noqa: E731
-    return Flat(torch.Size(tensors.shape(name)), tensors.dtype(name), torch.device("cpu"), read, None)
 
 
 @dataclass(frozen=True)
@@ -199,9 +168,19 @@ class LoraModule:
 
 def lora_gram(modules: Iterable[LoraModule]) -> Gram:
     """The Gram of LoRA task vectors from their factors: `<c B A, c' B' A'> = c c' tr((B^T B')(A' A^T))` and
-    `sum(c B A) = c (1^T B)(A 1)`, rank-sized products only (float64)."""
+    `sum(c B A) = c (1^T B)(A 1)`, rank-sized products only (float64).
+
+    Args:
+        modules (`Iterable[LoraModule]`): the adapted weights, each with the factors of the same kept checkpoints.
+
+    Returns:
+        `Gram`: the Gram of the task vectors, concatenated over the modules.
+
+    Raises:
+        `ValueError`: `modules` is empty, or two modules have different numbers of checkpoints.
+    """
     inner, sums, numel, k = None, None, 0, None
-    for module in modules:
+    for position, module in enumerate(modules):
         terms = []  # each checkpoint's delta as a list of (coefficient, B, A)
         for b, a in module.checkpoints:
             own = [(module.scaling, b.to(_WIDE).cpu(), a.to(_WIDE).cpu())]
@@ -211,6 +190,11 @@ def lora_gram(modules: Iterable[LoraModule]) -> Gram:
         if k is None:
             k = len(terms)
             inner, sums = torch.zeros(k, k, dtype=_WIDE), torch.zeros(k, dtype=_WIDE)
+        elif len(terms) != k:
+            raise ValueError(
+                f"`modules[{position}]` has {len(terms)} checkpoints but `modules[0]` has {k}: every LoRA module "
+                "needs the factors `(B_i, A_i)` of every kept checkpoint, in the same order."
+            )
         for i in range(k):
             sums[i] += sum(c * (b.sum(0) @ a.sum(1)) for c, b, a in terms[i])
             for j in range(i, k):

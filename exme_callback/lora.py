@@ -39,8 +39,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .arithmetic import Point, StateDict, TaskVectorMerge, merge_task_vectors, span_point
 from .kinship import Gram, LoraModule, dense_gram, lora_gram
+from .merges import Merge, merge_task_vectors, seeded
+from .span import StateDict, span_point
 
 __all__ = ["LoraPlane", "check_peft_model", "is_peft_model", "quiet_peft_save"]
 
@@ -78,7 +79,7 @@ def check_peft_model(model: torch.nn.Module) -> None:
 
 class LoraPlane:
     """The candidates of a LoRA run, written into one live adapter of rank `r1 + ... + rk` (see the module
-    docstring). Implements `arithmetic.Plane`.
+    docstring). Implements `planes.Plane`.
 
     Creating it adds the `"exme"` adapter and activates it; `apply(c)` makes the model compute `theta(c)` (or a merge
     off the span); `save(folder)` saves the current candidate; `close()` puts the trained adapter back as the active
@@ -128,25 +129,28 @@ class LoraPlane:
             points.append(base)
         self._points = points
 
-        # DoRA modules: dense effective weights of every point, computed before anything else changes.
-        parameters = dict(model.named_parameters())
-        effective = [_effective_weights(dora, self.adapter, point, parameters) for point in (base, *checkpoints)]
-        _load(parameters, trained)
-        self._originals = {
-            f"{prefix}.base_layer.weight": layer.get_base_layer().weight.detach().to("cpu", copy=True)
-            for prefix, layer in dora.items()
-        }
+        # What `close()` puts back besides `trained`, known before anything changes the model.
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._originals: dict[str, torch.Tensor] = {}  # DoRA modules' base weights
         self._base_layers: dict[str, torch.Tensor] = {}  # adapted base weights, kept while off-span merges run
         self._off_span = False  # whether the live candidate is a merge off the span (never saved)
-
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._dense: dict[str, torch.Tensor] = {}  # live dense tensors, by their name in the snapshots
-        model.add_adapter(EXME_ADAPTER, _block_config(config, len(points)))
-        try:
+        try:  # from here on the model changes: any error puts the trained model back (`close`)
+            # DoRA modules: dense effective weights of every point, computed before anything else changes.
+            parameters = dict(model.named_parameters())
+            effective = [_effective_weights(dora, self.adapter, point, parameters) for point in (base, *checkpoints)]
+            _load(parameters, trained)
+            self._originals.update(
+                {
+                    f"{prefix}.base_layer.weight": layer.get_base_layer().weight.detach().to("cpu", copy=True)
+                    for prefix, layer in dora.items()
+                }
+            )
+            model.add_adapter(EXME_ADAPTER, _block_config(config, len(points)))
             model.set_adapter(EXME_ADAPTER)
             self._restore_requires_grad()
             self._factors = self._write_b_blocks(layers)
-            self._dense_points = self._match_dense(factor_names, base, checkpoints, trained, effective)
+            self._dense_points = self._match_dense(factor_names, base, checkpoints, effective)
         except BaseException:
             self.close()
             raise
@@ -163,29 +167,29 @@ class LoraPlane:
                 factors.append((layer.scaling[self.adapter], a_name, bias_name, live_a, live_bias))
         return factors
 
-    def _match_dense(self, factor_names, base, checkpoints, trained, effective) -> list[dict[str, torch.Tensor]]:
+    def _match_dense(self, factor_names, base, checkpoints, effective) -> list[dict[str, torch.Tensor]]:
         """Find the live tensor of every dense entry; return the dense parts of the base and the checkpoints."""
         parameters = dict(self.model.named_parameters())
         for name in base:
             if name not in factor_names:
                 # The exme adapter's own copy when the tensor is per adapter, else the shared tensor (a bias).
                 target = _rename_adapter(name, self.adapter, EXME_ADAPTER)
-                if target == name:
-                    self._originals[name] = trained[name]
                 self._dense[name] = parameters[target].data
         points = [{name: point[name] for name in self._dense} for point in (base, *checkpoints)]
-        for name in self._originals.keys() - self._dense.keys():  # DoRA weights, written into the base layer
+        for name in self._originals:  # DoRA weights, written into the base layer (in the modules' order)
             self._dense[name] = parameters[name].data
             for point, effective_weights in zip(points, effective):
                 point[name] = effective_weights[name]
         return points
 
-    def apply(self, point: Point) -> None:
-        """Make the model compute `base + sum_i c_i * d_i`, or `base + merge([d_1, ..., d_k])` off the span."""
+    def apply(self, point: Sequence[float] | Merge) -> None:
+        """Make the model compute `base + sum_i c_i * d_i`, or `base + merge([d_1, ..., d_k])` off the span (its
+        random masks drawn inside `seeded(merge.seed)`, for the adapted modules and then the dense tensors)."""
         self._restore_base_layers()
-        self._off_span = callable(point)
+        self._off_span = isinstance(point, Merge)
         if self._off_span:
-            self._apply_merge(point)
+            with seeded(point.seed):
+                self._apply_merge(point)
             return
         coefficients = [*point, 1.0 - sum(point)][: len(self._points)]
         with torch.no_grad():
@@ -203,20 +207,22 @@ class LoraPlane:
                     live_bias.copy_(torch.stack(biases).sum(0))
             span_point(self._dense_points[0], self._dense_points[1:], point, out=self._dense)
 
-    def _apply_merge(self, merge: TaskVectorMerge) -> None:
+    def _apply_merge(self, merge: Merge) -> None:
         """A merge off the span: each adapted module's dense deltas merged into its base layer; "exme" silenced."""
         parameters = dict(self.model.named_parameters())
-        trained_factors = {}
         with torch.no_grad():
             for prefix, layer in self._layers.items():
                 names = [n for n in _factor_names(prefix, layer, self.adapter) if n is not None]
-                trained_factors.update({n: parameters[n].detach().clone() for n in names})
                 deltas = {"weight": []}
-                for point in (self._base, *self._checkpoints):
-                    _load(parameters, {n: point[n] for n in names})
-                    deltas["weight"].append(layer.get_delta_weight(self.adapter).float())
-                    if names[2:]:  # lora_bias: B's bias, scaled, adds to the base layer's bias
-                        deltas.setdefault("bias", []).append(point[names[2]].float() * layer.scaling[self.adapter])
+                try:  # each point's factors in the trained adapter, for PEFT's delta; then the trained ones again
+                    for point in (self._base, *self._checkpoints):
+                        _load(parameters, {n: point[n] for n in names})
+                        deltas["weight"].append(layer.get_delta_weight(self.adapter).float())
+                        if names[2:]:  # lora_bias: B's bias, scaled, adds to the base layer's bias
+                            bias = point[names[2]].float() * layer.scaling[self.adapter]
+                            deltas.setdefault("bias", []).append(bias)
+                finally:
+                    _load(parameters, {n: self.trained[n] for n in names})
                 base_layer = layer.get_base_layer()
                 for key, values in deltas.items():
                     live = getattr(base_layer, key)
@@ -226,12 +232,11 @@ class LoraPlane:
                     self._base_layers.setdefault(name, live.detach().to("cpu", copy=True))
                     task_vectors = [v.to(live.device) - values[0].to(live.device) for v in values[1:]]
                     live.copy_(live.float() + merge(task_vectors))
-            _load(parameters, trained_factors)
             for _, _, _, live_a, live_bias in self._factors:  # the "exme" adapter adds nothing
                 live_a.zero_()
                 if live_bias is not None:
                     live_bias.zero_()
-            merge_task_vectors(self._dense_points[0], self._dense_points[1:], merge, out=self._dense)
+            merge_task_vectors(self._dense_points[0], self._dense_points[1:], merge, out=self._dense, reseed=False)
 
     def _restore_base_layers(self) -> None:
         parameters = dict(self.model.named_parameters())
@@ -279,18 +284,20 @@ class LoraPlane:
     def close(self, keep: bool = False) -> None:
         """Restore the trained adapter (active, with its tensors and trainability) and remove `"exme"`.
 
-        With `keep=True` the `"exme"` adapter stays loaded and active (the shared dense tensors hold the chosen
-        candidate); the trained adapter stays loaded beside it.
+        The trained tensors are copied from `trained`, so this also puts the trained model back, bit for bit, after
+        an error anywhere in `__init__` (which calls it) or in `apply`. With `keep=True` the `"exme"` adapter stays
+        loaded and active (the shared dense tensors hold the chosen candidate); the trained adapter stays loaded
+        beside it.
         """
         if keep:
             return
         self._restore_base_layers()
-        with torch.no_grad():
-            for name, tensor in self._originals.items():
-                if name in self._dense:  # absent only when `__init__` failed before writing it
-                    self._dense[name].copy_(tensor)
+        parameters = dict(self.model.named_parameters())
+        _load(parameters, self._originals)
+        _load(parameters, self.trained)  # the trained adapter and the shared tensors, whatever failed on the way
         self.model.set_adapter(self.adapter)
-        self.model.delete_adapter(EXME_ADAPTER)
+        if EXME_ADAPTER in self.model.peft_config:  # absent when `__init__` failed before adding it
+            self.model.delete_adapter(EXME_ADAPTER)
         self._restore_requires_grad()
 
     def save_adapter(self, folder: str) -> None:
@@ -372,17 +379,21 @@ def _block_config(config, blocks: int):
 
 
 def _effective_weights(dora: dict, adapter: str, tensors: StateDict, parameters: dict) -> dict[str, torch.Tensor]:
-    """Each DoRA module's weight with `tensors` loaded into its adapter and merged by PEFT (on the CPU)."""
+    """Each DoRA module's weight with `tensors` loaded into its adapter and merged by PEFT (on the CPU). Each base
+    weight is put back bit for bit, even when the merge fails; the adapter keeps `tensors` (the caller restores it)."""
     _load(parameters, tensors)
     weights = {}
     for prefix, layer in dora.items():
         weight = layer.get_base_layer().weight
         original = weight.detach().clone()
-        layer.merge(adapter_names=[adapter])
-        weights[f"{prefix}.base_layer.weight"] = weight.detach().to("cpu", copy=True)
-        layer.unmerge()
-        with torch.no_grad():
-            weight.copy_(original)  # bit for bit, whatever rounding the unmerge did
+        try:
+            layer.merge(adapter_names=[adapter])
+            weights[f"{prefix}.base_layer.weight"] = weight.detach().to("cpu", copy=True)
+        finally:
+            if adapter in layer.merged_adapters:
+                layer.unmerge()
+            with torch.no_grad():
+                weight.copy_(original)  # bit for bit, whatever rounding the unmerge did
     return weights
 
 

@@ -2,7 +2,7 @@
 chosen model and its report out.
 
 The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors onto `run`: both build a plane
-(`make_plane`) over the live model, then
+(`planes.make_plane`) over the live model, then
 
 1. sweep the candidates (EXPO, ExMe; the paper's baselines for the report), each written into the live model and
    scored in-process;
@@ -15,7 +15,6 @@ The callback (`ExMeCallback.on_train_end`) and the `exme` command are two doors 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -26,12 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sharding
-from .arithmetic import DensePlane, Plane, Point, StateDict
 from .intervals import gain_interval
+from .io import publish_dir
 from .kinship import METRICS, Gram
-from .lora import LoraPlane, check_peft_model, is_peft_model
-from .report import Report, publish_dir
-from .scoring import Scorer, as_evaluator, preserved_rng
+from .lora import check_peft_model, is_peft_model
+from .merges import Merge
+from .planes import Plane, Point
+from .report import Report
+from .scoring import Scorer, as_evaluator
 from .search import (
     DEFAULT_DENSITIES,
     Candidate,
@@ -58,7 +59,6 @@ __all__ = [
     "check_model",
     "check_trainer_run",
     "check_writable",
-    "make_plane",
     "point_of",
     "run",
     "search_order",
@@ -186,86 +186,38 @@ def check_writable(destination: str, setting: str) -> None:
         ) from error
 
 
-def make_plane(
-    model: torch.nn.Module,
-    base: StateDict,
-    checkpoints: Sequence[StateDict],
-    trained: StateDict,
-    *,
-    save_model: Callable[[str], None] | None = None,
-    save_merged: bool = False,
-) -> Plane:
-    """The plane of `model`: a `LoraPlane` for a PEFT model (an exact adapter), else a `DensePlane` over its
-    trainable parameters.
-
-    Args:
-        model (`torch.nn.Module`): the live model; its trainable tensors are the ones the kept tensors name.
-        base (`Mapping[str, torch.Tensor]`): the trainable tensors at the start of training.
-        checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): the kept checkpoints' trainable tensors, best first.
-        trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
-        save_model (`Callable[[str], None]`, *optional*): how a full model is saved (defaults to
-            `model.save_pretrained`; under FSDP2, of the gathered full state dict, written by the main process).
-        save_merged (`bool`, *optional*, defaults to `False`): LoRA: also save the chosen model fused.
-    """
-    if is_peft_model(model):
-        return LoraPlane(model, base, checkpoints, trained, save_merged=save_merged)
-    save_model = save_model or partial(save_pretrained, model)
-    return DensePlane(
-        trainable_tensors(model), base, checkpoints, trained, save_model, partial(sharding.reshard, model)
-    )
-
-
-def save_pretrained(model: torch.nn.Module, folder: str) -> None:
-    """`model.save_pretrained(folder)`; a sharded model's full state dict is gathered first (every rank calls this)
-    and written by the main process alone."""
-    if not sharding.is_sharded(model):
-        model.save_pretrained(folder)
-        return
-    state_dict = sharding.gathered_state_dict(model)
-    if sharding.rank() == 0:
-        model.save_pretrained(folder, state_dict=state_dict)
-
-
-def point_of(candidate: Candidate) -> Point:
-    """What the plane applies for `candidate`: its coefficient vector, or, off the span, the merge of the task
-    vectors of the checkpoints it uses (`peft.utils.merge_utils`): TIES and DARE with equal weights, M^3 with DARE
-    (`lambda * DARE(d_a) + (1 - lambda) * DARE(d_b)`)."""
+def point_of(candidate: Candidate, order: Sequence[int] | None = None, seed: int = 0) -> Point:
+    """What the plane applies for `candidate`: its coefficient vector, or, off the span, the `Merge` of the task
+    vectors of the checkpoints it uses: TIES with weights 1, DARE with weights 1/n, M^3 with DARE
+    (`lambda * DARE(d_a) + (1 - lambda) * DARE(d_b)`), its masks drawn with `seed`. `order[i]` is the plane's
+    block of the candidate's `i`-th checkpoint."""
     if candidate.on_span:
         return candidate.coefficients
-    from peft.utils import merge_utils
-
     used = [i for i, step in enumerate(candidate.steps) if step is not None]
-    density = candidate.hyper["density"]
     if candidate.kind == "ties":  # trim, elect signs, disjoint mean
-        return lambda ds: merge_utils.ties([ds[i] for i in used], torch.ones(len(used)).to(ds[0]), density)
-    if candidate.kind == "mixup":  # sparsify each task vector, then mix
+        method, weights = "ties", [1.0] * len(used)
+    elif candidate.kind == "mixup":  # sparsify each task vector, then mix
         lam = candidate.hyper["lambda"]
-        weights = (lam, 1.0 - lam)
-        return lambda ds: sum(
-            w * merge_utils.random_pruning(ds[i], density, rescale=True) for w, i in zip(weights, used)
-        )
-    # DARE: random drop and rescale, then the mean
-    return lambda ds: merge_utils.dare_linear(
-        [ds[i] for i in used], torch.full((len(used),), 1.0 / len(used)).to(ds[0]), density
-    )
+        method, weights = "dare", [lam, 1.0 - lam]
+    elif candidate.kind == "dare":  # random drop and rescale, then the mean
+        method, weights = "dare", [1.0 / len(used)] * len(used)
+    else:  # not a merge: `Merge` refuses it, naming the known methods
+        method, weights = candidate.kind, []
+    checkpoints = tuple(used if order is None else (order[i] for i in used))
+    return Merge(method, checkpoints, weights, candidate.hyper["density"], seed)
 
 
 def apply(plane: Plane, candidate: Candidate, order: Sequence[int] | None = None, seed: int = 0) -> None:
     """Make the live model compute `candidate`. Random masks (DARE) are seeded, so every application of a candidate
     is the same model. `order[i]` is the plane's block of the candidate's `i`-th checkpoint (the search may rank
     the plane's checkpoints in another order)."""
-    point = point_of(candidate)
-    if order is not None and list(order) != sorted(order):
-        if callable(point):
-            merge = point
-            point = lambda ds: merge([ds[j] for j in order])  # noqa: E731
-        else:
-            permuted = [0.0] * len(order)
-            for i, j in enumerate(order):
-                permuted[j] = point[i]
-            point = tuple(permuted)
-    with preserved_rng(seed) if not candidate.on_span else contextlib.nullcontext():
-        plane.apply(point)
+    point = point_of(candidate, order, seed)
+    if not isinstance(point, Merge) and order is not None and list(order) != sorted(order):
+        permuted = [0.0] * len(order)
+        for i, j in enumerate(order):
+            permuted[j] = point[i]
+        point = tuple(permuted)
+    plane.apply(point)
 
 
 def search_order(checkpoints: Sequence[Checkpoint], gram: Gram, settings: SearchSettings) -> list[int]:

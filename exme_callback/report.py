@@ -1,24 +1,21 @@
 """What a finished sweep leaves behind: `exme_report.json`, the paper-style table in `exme_report.md`, the sweep's
-figure `exme_sweep.png`, a model card (`README.md`), the same merge as a mergekit recipe (`mergekit.yml`), and the
-atomic publication of the output folder."""
+figure `exme_sweep.png`, a model card (`README.md`) and the same merge as a mergekit recipe (`mergekit.yml`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import shutil
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .kinship import METRICS as KINSHIP
 from .scoring import metric_key
 from .search import Candidate, Checkpoint, best
 
-__all__ = ["Report", "publish_dir"]
+__all__ = ["Report"]
 
 REPORT_JSON = "exme_report.json"
 REPORT_MD = "exme_report.md"
@@ -449,29 +446,3 @@ def _number(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "-"
     return (f"{x:+.4f}" if signed else f"{x:.4f}") if math.isfinite(x) else str(x)
-
-
-@contextlib.contextmanager
-def publish_dir(final: str, write: bool = True) -> Iterator[str]:
-    """Yield a temporary folder to fill; on success it replaces `final` in one rename.
-
-    An earlier `final` stays whole until the new folder is complete, and on an error the temporary folder is
-    removed and `final` is untouched. With `write=False` (processes other than the main one) nothing is touched.
-    """
-    final = os.path.abspath(final)
-    tmp, old = final + ".incomplete", final + ".previous"
-    if write:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        if write:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if write:
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from .arithmetic import Plane
+from .io import SafetensorsMapping
+from .planes import Plane, make_plane
 from .scoring import metric_key
 from .search import Checkpoint, rank_checkpoints
-from .snapshots import STATE_DIR, STATE_FILE, SafetensorsMapping, trainable_tensors
+from .snapshots import STATE_DIR, STATE_FILE, trainable_tensors
 
 __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resolve_metric"]
 
@@ -270,7 +271,7 @@ def load_plane(
     """
     import transformers
 
-    from .pipeline import check_model, make_plane
+    from .pipeline import check_model
 
     kinds = {folder: checkpoint_kind(folder) for folder in folders}
     if len(set(kinds.values())) > 1:

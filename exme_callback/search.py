@@ -1,7 +1,7 @@
 """The search on coefficient vectors: which candidates to evaluate, in which order, and which one wins.
 
 No transformers: every candidate is a point `theta(c) = base + sum_i c_i * d_i` of the span of the kept checkpoints'
-task vectors `d_i = theta_i - base` (see `arithmetic`), and a search only asks a caller-supplied function for the
+task vectors `d_i = theta_i - base` (see `span`), and a search only asks a caller-supplied function for the
 score of each point. The ExMe search follows the paper, on the two best checkpoints:
 
 1. SFT-1 and SFT-2: the two best checkpoints of training, `c = (1, 0)` and `(0, 1)`.

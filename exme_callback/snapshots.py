@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import sharding
+from .io import SafetensorsMapping
 
 __all__ = ["SnapshotStore", "load_resume_state", "load_state", "save_state", "trainable_tensors"]
 
@@ -304,68 +305,3 @@ def _link_or_copy(source: str, destination: str) -> None:
         os.link(source, destination)
     except OSError:  # another file system, or links not allowed
         shutil.copyfile(source, destination)
-
-
-class SafetensorsMapping(Mapping[str, torch.Tensor]):
-    """Read-only mapping over safetensors shards (`{tensor name: file}`) that loads one tensor per access, or one
-    slice of it (`read`): the span and kinship passes read snapshots on disk slice by slice (`kinship.flat`).
-
-    Reads go into new tensors with one positioned read each. The files are not memory-mapped (as
-    `safetensors.safe_open` does), so a sweep that reads every snapshot on disk for every candidate keeps one slice
-    resident, not the mapped files: their pages stay in the kernel's cache, not in the process.
-    """
-
-    def __init__(self, index: dict[str, str]):
-        self._index = index
-        self._headers: dict[str, tuple[int, dict]] = {}  # path -> (offset of the data, header)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.read(name).reshape(self.shape(name))
-
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements `[start, stop)` of tensor `name` flattened (all of them by default), read from its file."""
-        path = self._index[name]  # a KeyError names the missing tensor
-        offset, header = self._header(path)
-        entry = header[name]
-        dtype = _DTYPES[entry["dtype"]]
-        size = dtype.itemsize
-        begin, end = entry["data_offsets"]
-        stop = (end - begin) // size if stop is None else stop
-        data = torch.empty((stop - start) * size, dtype=torch.uint8)
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset + begin + start * size)
-            if f.readinto(data.numpy()) != data.numel():
-                raise OSError(f"{path} ends inside tensor `{name}`: the file is truncated.")
-        return data.view(dtype)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The shape of tensor `name`, read from the file's header without loading the tensor."""
-        return tuple(self._header(self._index[name])[1][name]["shape"])
-
-    def dtype(self, name: str) -> torch.dtype:
-        """The dtype of tensor `name`, read from the file's header."""
-        return _DTYPES[self._header(self._index[name])[1][name]["dtype"]]
-
-    def _header(self, path: str) -> tuple[int, dict]:
-        if path not in self._headers:
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                self._headers[path] = (8 + size, json.loads(f.read(size)))
-        return self._headers[path]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._index  # without reading the tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-
-_DTYPES = {  # safetensors' dtype names
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip

@@ -9,8 +9,8 @@ from conftest import dense_weights, make_llama
 from torch.testing import assert_close
 
 from exme_callback import kinship
-from exme_callback.arithmetic import DensePlane
 from exme_callback.kinship import METRICS, LoraModule, dense_gram, lora_gram
+from exme_callback.planes import DensePlane
 from exme_callback.snapshots import trainable_tensors
 
 POINTS = [((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)), ((1.2, 0.0, 0.0), (0.0, 0.0, 1.3)), ((0.6, 0.55, 0.0), (0.2, 0.1, 0.9))]
@@ -88,6 +88,21 @@ def test_lora_gram_equals_dense_deltas_with_and_without_a_starting_adapter():
             assert gram.kinship(a, b, metric) == pytest.approx(
                 direct(flat(vectors, a), flat(vectors, b), metric), rel=1e-9
             )
+
+
+@pytest.mark.parametrize("counts", [(2, 3), (3, 2), (2, 2, 1)])
+def test_lora_gram_refuses_modules_with_different_numbers_of_checkpoints(counts):
+    g = torch.Generator().manual_seed(2)
+    modules = [
+        LoraModule(1.0, [(torch.randn(4, 2, generator=g), torch.randn(2, 3, generator=g)) for _ in range(k)])
+        for k in counts
+    ]
+    position = next(i for i, k in enumerate(counts) if k != counts[0])
+    expected = rf"`modules\[{position}\]` has {counts[position]} checkpoints but `modules\[0\]` has {counts[0]}"
+    with pytest.raises(ValueError, match=expected):
+        lora_gram(modules)
+    with pytest.raises(ValueError, match="`modules` is empty"):
+        lora_gram([])
 
 
 def test_dense_plane_gram_and_errors():

@@ -11,7 +11,9 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from exme_callback import merges  # noqa: E402
 from exme_callback.lora import LoraPlane, check_peft_model, quiet_peft_save  # noqa: E402
+from exme_callback.merges import Merge  # noqa: E402
 from exme_callback.snapshots import trainable_tensors  # noqa: E402
 
 CANDIDATES = [(1.0, 0.0), (0.0, 1.0), (1.3, 0.0), (0.0, 1.5), (0.36, 0.98), (0.0, 0.0)]
@@ -184,3 +186,79 @@ def test_quiet_peft_save_hides_only_the_missing_config_warning(tmp_path):
     assert expected not in messages(caught)[:-1] and messages(caught)[-1] == expected
     assert "Could not find a config file in this other sentence." in messages(caught)
     assert (tmp_path / "quiet" / "adapter_model.safetensors").is_file()
+
+
+def assert_trained_adapter_is_back(model, trained):
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == list(trained)
+    for name, tensor in trainable_tensors(model).items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+@pytest.mark.parametrize("failure", ["merge-function", "lora-bias-without-base-bias"])
+def test_a_merge_failing_midway_leaves_the_trained_adapter(tokenizer, monkeypatch, failure):
+    """The merge loads each checkpoint into the trained adapter, module by module: an error in the middle (the
+    merge function, or LoRA biases on a base layer without a bias) must leave the trained tensors, bit for bit."""
+    if failure == "merge-function":
+        model = lora_model()
+    else:  # a base model without biases
+        model = get_peft_model(make_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_bias=True))
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    sft1, sft2, trained = checkpoint(model, 1), checkpoint(model, 2), checkpoint(model, 3)
+    load(model, trained)
+    before = logits(model, tokenizer)
+    calls = []
+
+    def failing(task_vectors, weights, density):
+        calls.append(len(task_vectors))
+        if len(calls) == 3:  # the third adapted module
+            raise RuntimeError("the merge broke")
+        return sum(task_vectors)
+
+    monkeypatch.setitem(merges.MERGES, "ties", failing)
+    plane = LoraPlane(model, base, [sft1, sft2], trained)
+    error = RuntimeError if failure == "merge-function" else NotImplementedError
+    with pytest.raises(error, match="the merge broke" if failure == "merge-function" else "needs a base layer with"):
+        plane.apply(Merge("ties", checkpoints=(0, 1), weights=(1.0, 1.0), density=0.5))
+    parameters = dict(model.named_parameters())
+    assert all(torch.equal(parameters[name], tensor) for name, tensor in trained.items())  # already, before close
+    plane.close()
+    assert_trained_adapter_is_back(model, trained)
+    assert torch.equal(logits(model, tokenizer), before)
+
+
+@pytest.mark.parametrize("where", ["dora-effective-weights", "after-the-exme-adapter"])
+def test_a_failing_constructor_leaves_the_trained_adapter(tokenizer, monkeypatch, where):
+    """Building the plane changes the model (DoRA's effective weights load every checkpoint into the trained adapter
+    and merge it; then the "exme" adapter is added): an error on the way must leave the trained model."""
+    from peft.tuners.lora import LoraLayer
+
+    model = lora_model(use_dora=True, target_modules=["q_proj", "v_proj"])
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    sft1, sft2, trained = checkpoint(model, 1), checkpoint(model, 2), checkpoint(model, 3)
+    load(model, trained)
+    before, weights_before = logits(model, tokenizer), {k: v.clone() for k, v in model.state_dict().items()}
+    if where == "dora-effective-weights":
+        layer_class = type(model.base_model.model.model.layers[0].self_attn.q_proj)
+        assert issubclass(layer_class, LoraLayer)
+        merge, calls = layer_class.merge, []
+
+        def failing_merge(self, *args, **kwargs):
+            merge(self, *args, **kwargs)
+            calls.append(1)
+            if len(calls) == 4:  # the first checkpoint's second module, once merged into its base weight
+                raise RuntimeError("the merge broke")
+
+        monkeypatch.setattr(layer_class, "merge", failing_merge)
+    else:
+
+        def failing_match(self, *args):
+            raise RuntimeError("the merge broke")
+
+        monkeypatch.setattr(LoraPlane, "_match_dense", failing_match)
+    with pytest.raises(RuntimeError, match="the merge broke"):
+        LoraPlane(model, base, [sft1, sft2], trained)
+    assert_trained_adapter_is_back(model, trained)
+    assert torch.equal(logits(model, tokenizer), before)
+    after = model.state_dict()
+    assert after.keys() == weights_before.keys() and all(torch.equal(after[k], v) for k, v in weights_before.items())

@@ -1,4 +1,4 @@
-"""The pipeline: the plane of a model, a whole ExMe run on the regression model, failures, LoRA baselines."""
+"""The pipeline: a whole ExMe run on the regression model, failures, LoRA baselines."""
 
 import json
 
@@ -10,37 +10,12 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from exme_callback import pipeline
-from exme_callback.arithmetic import DensePlane
+from exme_callback.planes import DensePlane, make_plane
 from exme_callback.scoring import Objective, Scorer
 from exme_callback.search import Candidate, Checkpoint, SearchSettings, exme_coefficients
 from exme_callback.snapshots import trainable_tensors
 
 TARGET = (2.5, 2.0)  # the (a, b) the closeness evaluator rewards
-
-
-# ---- make_plane on a plain model --------------------------------------------------------------------------------
-
-
-def test_make_plane_on_a_plain_model_writes_the_span_of_three_checkpoints():
-    model = make_llama()
-    live = trainable_tensors(model)
-    base = {n: t.clone() for n, t in live.items()}
-    checkpoints = [perturbed(base, seed) for seed in (1, 2, 3)]
-    trained = perturbed(base, 4)
-    load(model, trained)
-
-    plane = pipeline.make_plane(model, base, checkpoints, trained)
-    assert isinstance(plane, DensePlane)
-    for coefficients in [(0.3, -0.5, 1.2), (0.0, 0.7, 0.0), (1.5, 0.0, 0.25)]:
-        plane.apply(coefficients)
-        for name, tensor in trainable_tensors(model).items():
-            b = base[name].double()
-            expected = b + sum(c * (ck[name].double() - b) for c, ck in zip(coefficients, checkpoints))
-            assert_close(tensor, expected.float(), rtol=1e-6, atol=1e-6, msg=name)
-
-    plane.close()
-    for name, tensor in trainable_tensors(model).items():
-        assert torch.equal(tensor, trained[name]), name
 
 
 # ---- a whole run on the regression model -------------------------------------------------------------------------
@@ -223,7 +198,7 @@ def test_lora_ties_and_dare_baselines_against_a_dense_reference(tmp_path, tokeni
     )
     assert not torch.allclose(ties_reference, span_reference, rtol=1e-3, atol=1e-3)  # the checks can tell them apart
 
-    plane = pipeline.make_plane(model, base, [sft1, sft2], trained)
+    plane = make_plane(model, base, [sft1, sft2], trained)
     try:
         ties_candidate = Candidate("ties", None, (10, 20), hyper={"density": 0.5})
         pipeline.apply(plane, ties_candidate)

@@ -1,10 +1,9 @@
 import json
 import math
-import os
 
 import pytest
 
-from exme_callback.report import Report, publish_dir
+from exme_callback.report import Report
 from exme_callback.search import Candidate, Checkpoint
 
 
@@ -90,29 +89,6 @@ def test_markdown_numbers_equal_json(tmp_path):
 def test_markdown_without_heldout_has_no_heldout_columns(tmp_path):
     report = make_report(heldout=False)
     assert "held-out" not in report.to_markdown().split("\n| model")[1].splitlines()[0]
-
-
-def test_publish_dir_replaces_atomically(tmp_path):
-    final = tmp_path / "exme"
-    final.mkdir()
-    (final / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with publish_dir(str(final)) as folder:
-            (tmp_path / "exme.incomplete" / "new.txt").write_text("partial")
-            raise RuntimeError("evaluator failed")
-    assert os.listdir(final) == ["old.txt"] and not os.path.exists(folder)
-    with publish_dir(str(final)) as folder:
-        with open(os.path.join(folder, "new.txt"), "w") as f:
-            f.write("new")
-        assert (final / "old.txt").exists()  # the earlier result stays whole until the new one is complete
-    assert os.listdir(final) == ["new.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["exme"]
-
-
-def test_publish_dir_on_other_processes_touches_nothing(tmp_path):
-    with publish_dir(str(tmp_path / "exme"), write=False):
-        pass
-    assert os.listdir(tmp_path) == []
 
 
 def test_summary_of_a_choice_off_the_span():

@@ -10,10 +10,10 @@ from conftest import make_llama, make_tokenizer
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from exme_callback.arithmetic import span_point
 from exme_callback.runs import base_of, checkpoint_kind, load_plane, rank_run, resolve_metric
 from exme_callback.search import Checkpoint
 from exme_callback.snapshots import trainable_tensors
+from exme_callback.span import span_point
 
 
 def write_state(folder, log_history, global_step=None, **fields):

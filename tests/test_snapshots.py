@@ -170,59 +170,15 @@ def test_find_names_the_snapshot_equal_to_the_tensors(tmp_path, storage):
     assert store.find({"w": second["w"]}, ["second"]) is None  # other names
 
 
-def test_safetensors_mapping_reads_what_safetensors_wrote_without_mapping_the_file(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from exme_callback.snapshots import SafetensorsMapping
-
-    g = torch.Generator().manual_seed(0)
-    written = {
-        "bf16": torch.randn(7, 5, generator=g).bfloat16(),
-        "f16": torch.randn(3, generator=g).half(),
-        "f64": torch.randn(2, 2, 2, generator=g).double(),
-        "i64": torch.arange(5),
-        "mask": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(3.5),
-        "empty": torch.zeros(0, 4),
-    }
-    path = str(tmp_path / "shard.safetensors")
-    save_file(written, path)
-    mapping = SafetensorsMapping(dict.fromkeys(written, path))
-    read = {name: mapping[name] for name in written}
-    with open("/proc/self/maps") as f:
-        assert path not in f.read()
-    reference = load_file(path)
-    for name in written:
-        assert read[name].dtype == reference[name].dtype and torch.equal(read[name], reference[name])
-        assert mapping.shape(name) == tuple(reference[name].shape)
-    with pytest.raises(KeyError, match="missing"):
-        mapping["missing"]
-
-
-def test_safetensors_mapping_reads_slices_and_membership_without_loading(tmp_path, monkeypatch):
-    from safetensors.torch import save_file
-
-    from exme_callback.snapshots import SafetensorsMapping
-
-    weight = torch.arange(24, dtype=torch.float32).reshape(4, 6).bfloat16()
-    path = str(tmp_path / "shard.safetensors")
-    save_file({"w": weight, "v": torch.ones(2)}, path)
-    mapping = SafetensorsMapping({"w": path, "v": path})
-    assert torch.equal(mapping.read("w", 5, 11), weight.reshape(-1)[5:11])
-    assert mapping.dtype("w") == torch.bfloat16 and mapping.shape("w") == (4, 6)
-    monkeypatch.setattr(SafetensorsMapping, "read", lambda *args: pytest.fail("read a tensor"))
-    assert "w" in mapping and "missing" not in mapping
-
-
 def test_span_and_gram_read_disk_snapshots_slice_by_slice(tmp_path, monkeypatch):
     """Passes over snapshots on disk (a span point, a copy, a comparison, the Gram) equal the passes in memory and
     never read more than one slice at once."""
-    from exme_callback import arithmetic, kinship, snapshots
-    from exme_callback.arithmetic import span_point
+    from exme_callback import kinship, snapshots, span
+    from exme_callback.io import SafetensorsMapping
     from exme_callback.kinship import dense_gram
-    from exme_callback.snapshots import SafetensorsMapping
+    from exme_callback.span import span_point
 
-    monkeypatch.setitem(arithmetic._CHUNK, "cpu", 100)
+    monkeypatch.setitem(span._CHUNK, "cpu", 100)
     monkeypatch.setattr(kinship, "_CHUNK", 64)
     monkeypatch.setattr(snapshots, "_SLICE", 100)
     g = torch.Generator().manual_seed(0)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from exme_callback import arithmetic, combine, extrapolate, interpolate
-from exme_callback.arithmetic import combine_tensor
+from exme_callback import combine, extrapolate, interpolate, span
+from exme_callback.span import combine_tensor
 
 
 def states(dtype=torch.float32, seed=0):
@@ -173,7 +173,7 @@ def test_combine_property_against_float64(shape, dtype, out_dtype, c1, c2, seed)
 def test_tensors_larger_than_a_slice_equal_the_whole_tensor_sum(dtype, monkeypatch):
     """The sum runs slice by slice (here 1000 elements); the result is the same float32 sum over the whole tensor at
     once, rounded once."""
-    monkeypatch.setitem(arithmetic._CHUNK, "cpu", 1000)
+    monkeypatch.setitem(span._CHUNK, "cpu", 1000)
     g = torch.Generator().manual_seed(0)
     base, sft1, sft2 = ({"w": torch.randn(37, 101, generator=g).to(dtype)} for _ in range(3))
     c1, c2 = 0.3 * 1.2, 0.7 * 1.4

@@ -16,29 +16,28 @@ theta(c) = base + c_1 * d_1 + ... + c_k * d_k
 | weighted merge of SFT-1, SFT-2         | lambda                 | 1 - lambda                   |
 
 This module only knows tensors: no `transformers`, no models. State dicts are any `Mapping[str, torch.Tensor]`
-(a lazy on-disk mapping works as well as a `dict`), matched by name. It also defines the `Plane` interface that
-the dense plane here and the LoRA plane (`lora.py`) implement: the live model made to compute a candidate.
+(a lazy on-disk mapping, `io.SafetensorsMapping`, works as well as a `dict`), matched by name, and read slice by
+slice (`io.flat`). Merges off the span (TIES, DARE) are in `merges.py`; the live model made to compute a point is a
+plane (`planes.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 
-from .kinship import Flat, Gram, dense_gram, flat
+from .io import Flat, flat
 
 __all__ = [
-    "DensePlane",
-    "Plane",
-    "TaskVectorMerge",
+    "StateDict",
     "combine",
     "combine_tensor",
     "extrapolate",
     "interpolate",
-    "merge_task_vectors",
+    "lookup",
     "span_point",
+    "span_tensor",
 ]
 
 StateDict = Mapping[str, torch.Tensor]
@@ -84,7 +83,7 @@ def _span_into(
     coefficients: Sequence[float],
     workspaces: dict,
 ) -> torch.Tensor:
-    """`span_tensor` into `out`, reading the inputs slice by slice (from memory or from files: `kinship.Flat`), with
+    """`span_tensor` into `out`, reading the inputs slice by slice (from memory or from files: `io.Flat`), with
     slice-sized buffers from `workspaces` (one per wide dtype and device, reused across the tensors of a model)."""
     terms = [(c, t) for c, t in zip(coefficients, tensors, strict=True) if c != 0.0]
     numel = out.numel()
@@ -151,7 +150,7 @@ def span_point(
 
     Floating-point tensors are computed in float32 (float64 when an input is float64) and rounded once to their
     own dtype. Non-floating tensors (integer or boolean buffers) are copied from the first checkpoint, never
-    blended. Inputs are read slice by slice (`kinship.flat`): snapshots on disk are never loaded whole.
+    blended. Inputs are read slice by slice (`io.flat`): snapshots on disk are never loaded whole.
 
     Args:
         base (`Mapping[str, torch.Tensor]`): the base model's tensors; its names are the names combined.
@@ -177,7 +176,7 @@ def span_point(
     for name in base:
         b = flat(base, name)
         tensors = [_flat(c, label, name) for c, label in zip(checkpoints, labels)]
-        target = None if out is None else _lookup(out, "out", name)
+        target = None if out is None else lookup(out, "out", name)
         for label, tensor in (*zip(labels, tensors), ("out", target)):
             if tensor is not None and tensor.shape != b.shape:
                 raise ValueError(
@@ -262,42 +261,15 @@ def interpolate(model1: StateDict, model2: StateDict, weight: float, out=None) -
     return combine(model1, model1, model2, 0.0, 1.0 - weight, out=out)
 
 
-TaskVectorMerge = Callable[[list[torch.Tensor]], torch.Tensor]
-"""A merge off the span: the task vectors `[d_1, ..., d_k]` of one tensor (float32) -> the merged task vector."""
-
-
-def merge_task_vectors(
-    base: StateDict,
-    checkpoints: Sequence[StateDict],
-    merge: TaskVectorMerge,
-    out: MutableMapping[str, torch.Tensor],
-) -> None:
-    """`out[name] = base[name] + merge([d_1, ..., d_k])` with `d_i = checkpoints[i][name] - base[name]`, for merges
-    off the span.
-
-    Used for TIES and DARE (for example `lambda ds: peft.utils.merge_utils.ties(ds, weights, density)`). Computed
-    like `span_point`: in float32 (float64 for float64 tensors) on `out`'s device, rounded once; non-floating
-    tensors are copied from the first checkpoint.
-    """
-    for name, b in base.items():
-        target = _lookup(out, "out", name)
-        if not b.is_floating_point():
-            target.copy_(checkpoints[0][name])
-            continue
-        wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-        b = b.to(device=target.device, dtype=wide)
-        deltas = [c[name].to(device=target.device, dtype=wide) - b for c in checkpoints]
-        target.copy_(b + merge(deltas))
-
-
-def _lookup(tensors: StateDict, label: str, name: str) -> torch.Tensor:
+def lookup(tensors: StateDict, label: str, name: str) -> torch.Tensor:
+    """`tensors[name]`, or a `KeyError` that names the tensor and the mapping it is missing from (`label`)."""
     if name not in tensors:
         raise _missing(label, name)
     return tensors[name]
 
 
 def _flat(tensors: StateDict, label: str, name: str) -> Flat:
-    """`tensors[name]`, read slice by slice (a snapshot on disk is not loaded: `kinship.flat`)."""
+    """`tensors[name]`, read slice by slice (a snapshot on disk is not loaded: `io.flat`)."""
     if name not in tensors:
         raise _missing(label, name)
     return flat(tensors, name)
@@ -305,84 +277,3 @@ def _flat(tensors: StateDict, label: str, name: str) -> Flat:
 
 def _missing(label: str, name: str) -> KeyError:
     return KeyError(f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names.")
-
-
-Point = Sequence[float] | TaskVectorMerge
-"""What a plane applies: a coefficient vector `(c_1, ..., c_k)`, or a merge of the task vectors off the span."""
-
-
-@runtime_checkable
-class Plane(Protocol):
-    """The live model made to compute candidates: what the sweep needs from full fine-tuning (`DensePlane`) and
-    from LoRA and DoRA runs (`lora.LoraPlane`) alike.
-
-    - `apply(point)`: make the live model compute `base + sum_i c_i * d_i` for a coefficient vector, or
-      `base + merge([d_1, ..., d_k])` for a `TaskVectorMerge` (TIES, DARE);
-    - `save(folder, merged=False)`: save the model it computes now; returns what was written, by kind
-      (`{"model": folder}`, or `{"adapter": folder, "merged": ...}`); `merged=True` asks for a plain model
-      (a LoRA candidate fused into the base weights);
-    - `close(keep=False)`: put the trained weights back, bit for bit (`keep=True` leaves the last candidate);
-    - `gram()`: the Gram matrix of the checkpoints' task vectors, for their kinship (`kinship.Gram`).
-    """
-
-    def apply(self, point: Point) -> None: ...
-
-    def save(self, folder: str, merged: bool = False) -> dict[str, str]: ...
-
-    def close(self, keep: bool = False) -> None: ...
-
-    def gram(self) -> Gram: ...
-
-
-class DensePlane:
-    """The span written into live tensors (a model's parameters): full fine-tuning's candidates.
-
-    `apply(c)` sets every live tensor to `theta(c)`, one tensor at a time; `save(folder)` calls `save_model`;
-    `close()` copies `trained` back, bit for bit (`close(keep=True)` leaves the last candidate in place). The live
-    tensors may be a sharded model's local shards: the formula is elementwise.
-
-    Args:
-        live (`MutableMapping[str, torch.Tensor]`): the tensors written in place.
-        base (`Mapping[str, torch.Tensor]`): the base model's tensors.
-        checkpoints (`Sequence[Mapping[str, torch.Tensor]]`): the kept checkpoints' tensors, best first.
-        trained (`Mapping[str, torch.Tensor]`): what `close()` puts back.
-        save_model (`Callable[[str], None]`, *optional*): saves the live model into a folder (for example
-            `model.save_pretrained`, or `trainer.save_model`).
-        written (`Callable[[], None]`, *optional*): called after the live tensors are written (a sharded model drops
-            its gathered copies of the parameters: `sharding.reshard`).
-    """
-
-    def __init__(
-        self,
-        live: MutableMapping[str, torch.Tensor],
-        base: StateDict,
-        checkpoints: Sequence[StateDict],
-        trained: StateDict,
-        save_model: Callable[[str], None] | None = None,
-        written: Callable[[], None] | None = None,
-    ):
-        self.live, self.base, self.checkpoints, self.trained = live, base, list(checkpoints), trained
-        self.save_model, self.written = save_model, written or (lambda: None)
-
-    def apply(self, point: Point) -> None:
-        if callable(point):
-            merge_task_vectors(self.base, self.checkpoints, point, out=self.live)
-        else:
-            span_point(self.base, self.checkpoints, point, out=self.live)
-        self.written()
-
-    def save(self, folder: str, merged: bool = False) -> dict[str, str]:
-        """Save the live model with `save_model` (it is a plain model already: `merged` changes nothing)."""
-        if self.save_model is None:
-            raise ValueError("This `DensePlane` was built without `save_model`: it cannot save the model.")
-        self.save_model(folder)
-        return {"model": folder}
-
-    def close(self, keep: bool = False) -> None:
-        if not keep:  # the trained weights themselves: copied exactly, slice by slice
-            span_point(self.trained, [self.trained], (1.0,), out=self.live)
-            self.written()
-
-    def gram(self) -> Gram:
-        """The Gram matrix of the task vectors, in one pass over the kept tensors."""
-        return dense_gram(self.base, self.checkpoints)
