@@ -54,11 +54,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 from exme_callback import pipeline
+from exme_callback.candidates import Candidate
 from exme_callback.evaluators import LMEvalEvaluator
 from exme_callback.report import Report
 from exme_callback.runs import load_plane, rank_run
 from exme_callback.scoring import Objective, Scorer
-from exme_callback.search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, SearchSettings, count_candidates
+from exme_callback.settings import SearchSettings
+from exme_callback.strategies import ExMe
 
 SKILLS = ["arithmetic", "comparison", "alphabetical", "sequence"]
 METRIC = "exme/checkpoint/score"
@@ -133,7 +135,7 @@ class Instruments:
         ]
         self._model, self._plane = model, plane
         model.generate = self._timed_generate(model.generate)  # lm-eval calls `model.generate`
-        plane.apply = self._timed_apply(plane.apply)  # `pipeline.apply` calls `plane.apply`
+        plane.apply = self._timed_apply(plane.apply)  # the sweep writes every candidate with `plane.apply`
         plane.gram = self._timed_gram(plane.gram)  # the kinship pass before the search
 
     def _before_forward(self, module, args) -> None:
@@ -203,7 +205,7 @@ class TimedScorer(Scorer):
         self._switch = clock.switch
         clock.scored += 1
         after = (clock.forward, clock.generate, clock.generate_forward)
-        deltas = [b - a for a, b in zip(before, after)]
+        deltas = [b - a for a, b in zip(before, after, strict=True)]
         self.evaluations.append(
             Evaluation(candidate, clock.switch_started[-1], switch, ended - started, *deltas, ended=ended, cpu=cpu)
         )
@@ -233,11 +235,10 @@ def in_process(run_dir: str, folders: list[str], checkpoints, limit: int | None)
             loaded.plane,
             checkpoints,
             scorer,
-            os.path.join(run_dir, "exme-end-to-end-unused"),  # never written: write=False
+            pipeline.Output(  # never written
+                os.path.join(run_dir, "exme-end-to-end-unused"), sources=sources, write=False, show_progress=False
+            ),
             settings=SearchSettings(),
-            sources=sources,
-            write=False,
-            show_progress=False,
         )
     except Stop:
         pass
@@ -407,7 +408,7 @@ def table_1(evaluations, merges, setup_a, setup_b) -> None:
               "(b) lm-eval s", "(b) s", "(b)/(a)", "cores used (a) / (b)"))  # fmt: skip
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     a_times = [e.switch + e.evaluation for e in evaluations]
-    for i, (evaluation, a) in enumerate(zip(evaluations, a_times)):
+    for i, (evaluation, a) in enumerate(zip(evaluations, a_times, strict=True)):
         c = evaluation.candidate
         cells = [i + 1, label(c), f"{c.c1:.3g}", f"{c.c2:.3g}", f"{c.score:.4f}"]
         cores = f"{evaluation.cpu / evaluation.evaluation:.1f}"
@@ -432,7 +433,7 @@ def table_1(evaluations, merges, setup_a, setup_b) -> None:
         for name, k in (("**mean**", n), ("**total**", 1)):
             print(row("", name, "", "", "", "", "", f"{total_a / k:.1f}", f"{merge_total / k:.1f}",
                       f"{eval_total / k:.1f}", f"{total_b / k:.1f}", ratio, cores))  # fmt: skip
-        differences = [abs(m.score - e.candidate.score) for m, e in zip(merges, evaluations)]
+        differences = [abs(m.score - e.candidate.score) for m, e in zip(merges, evaluations, strict=True)]
         worst = max(range(n), key=lambda i: differences[i])
         where = f" (candidate {worst + 1})" if differences[worst] > 0 else ""
         print(
@@ -522,7 +523,7 @@ def main() -> None:
         "--output-dir", help="scratch folder for (b), kept (default: a temporary folder under RUN_DIR, removed)"
     )
     args = parser.parse_args()
-    total = count_candidates(2, DEFAULT_ALPHAS, DEFAULT_BETAS)
+    total = ExMe().evaluations(2)
     if args.candidates is not None and args.candidates < 1:
         parser.error("--candidates must be a positive integer")
     limit = args.candidates if args.candidates is not None and args.candidates < total else None

@@ -37,9 +37,10 @@ from transformers import PrinterCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from exme_callback import ExMeCallback, LMEvalEvaluator  # noqa: E402
+from exme_callback.candidates import Candidate, best, choose  # noqa: E402
 from exme_callback.intervals import gain_interval  # noqa: E402
 from exme_callback.lora import quiet_peft_save  # noqa: E402
-from exme_callback.search import Candidate, Racing, best, choose  # noqa: E402
+from exme_callback.strategies import Racing  # noqa: E402
 
 
 class TimedEvaluator(LMEvalEvaluator):

@@ -1,11 +1,13 @@
 """Extrapolation Merging (ExMe) for Hugging Face fine-tuning, as one `TrainerCallback`."""
 
 from .callback import ExMeCallback
+from .candidates import Candidate, Checkpoint
 from .evaluators import LMEvalEvaluator, LossEvaluator, TrainerEvaluator
 from .merges import Merge
 from .scoring import Evaluator, Objective
-from .search import Candidate, Checkpoint, exme_coefficients
+from .settings import SearchSettings
 from .span import combine, extrapolate, interpolate, span_point
+from .strategies import Search, Strategy, exme_coefficients
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,9 @@ __all__ = [
     "LossEvaluator",
     "Merge",
     "Objective",
+    "Search",
+    "SearchSettings",
+    "Strategy",
     "TrainerEvaluator",
     "combine",
     "exme_coefficients",

@@ -1,8 +1,8 @@
 """`ExMeCallback`: Extrapolation Merging for any `Trainer` run, as one callback.
 
-The callback is hook glue: during training it scores and keeps the best checkpoints (`search.rank_checkpoints`,
-`snapshots.SnapshotStore`), writes its state into each checkpoint, and when training ends it hands the plane over
-the kept checkpoints to the pipeline (`pipeline.run`), which sweeps, chooses and publishes.
+The callback is hook glue: during training it scores and keeps the best checkpoints (`candidates.rank_checkpoints`,
+`snapshots.SnapshotStore`) and writes its resume state into each checkpoint folder; when training ends it hands the
+plane over the kept checkpoints to the pipeline (`pipeline.run`), which sweeps, chooses and publishes.
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 
-import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import pipeline, planes, sharding
+from . import pipeline, preflight, sharding
+from .candidates import Candidate, Checkpoint, rank_checkpoints
+from .errors import InputError, InputTypeError
 from .evaluators import TrainerEvaluator
+from .planes import make_plane, sources_of
 from .report import Report
+from .resume import checkpoint_folder, load_resume_state, save_resume_state
 from .scoring import Evaluator, Objective, Scorer, as_evaluator
-from .search import DEFAULT_ALPHAS, DEFAULT_BETAS, Candidate, Checkpoint, SearchSettings, rank_checkpoints
-from .snapshots import STORAGES, SnapshotStore, load_resume_state, save_state, trainable_tensors
+from .settings import SearchSettings
+from .snapshots import STORAGES, SnapshotStore, trainable_tensors
+from .strategies import DEFAULT_ALPHAS, DEFAULT_BETAS
 
 __all__ = ["ExMeCallback"]
 
@@ -49,14 +51,13 @@ class ExMeCallback(TrainerCallback):
 
     Args:
         trainer (`transformers.Trainer`, *optional*):
-            The trainer this callback is added to (TRL trainers work the same): its evaluation scores the
-            candidates unless `evaluator` is given; its logging reports them.
-        evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
-            Scores a model: called on the live model at every training evaluation and for every candidate. Needed
-            when `trainer` is not given. `LMEvalEvaluator` runs lm-evaluation-harness tasks.
-        report_evaluator (`Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
-            A second evaluator (a held-out split, other tasks) that scores the rows of the final table, so the gain
-            is also measured on data that chose nothing. It never influences a choice.
+            The trainer (TRL trainers work the same): its evaluation scores the candidates unless `evaluator` is
+            given; its logging reports them.
+        evaluator (`Evaluator` or `Callable[[torch.nn.Module], Mapping[str, float]]`, *optional*):
+            Scores the live model at every training evaluation and for every candidate (`scoring.Evaluator`);
+            needed without `trainer`. `LMEvalEvaluator` runs lm-evaluation-harness tasks.
+        report_evaluator (`Evaluator` or `Callable`, *optional*):
+            Scores the rows of the final table on data that chose nothing (held-out columns); never chooses.
         metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
             The selection score: one metric, or several averaged like the ExMe paper's overall score, each with
             its direction (`{"eval_accuracy": "max", "eval_loss": "min"}`; a bare name is lower-is-better when it
@@ -66,10 +67,8 @@ class ExMeCallback(TrainerCallback):
         report_metrics (`str`, `list[str]` or `dict[str, str]`, *optional*):
             The report evaluator's score, in the format of `metrics`. Defaults to its `directions` (an
             `LMEvalEvaluator`'s task metrics), else to the selection metrics.
-        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, 0.2, 0.3, 0.4, 0.5)`):
-            Extrapolation strengths (>= 0) tried for each kept checkpoint.
-        betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`):
-            Merge weights (in [0, 1]) of EXPO-1 tried between the two EXPO models.
+        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.5)`): extrapolation strengths (>= 0).
+        betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`): merge weights of EXPO-1, in [0, 1].
         baselines (`bool`, *optional*, defaults to `False`):
             Also evaluate the ExMe paper's baselines for the report: the weighted merge of SFT-1 and SFT-2 (over
             the `betas` grid), TIES and DARE (densities 0.3, 0.5, 0.7; with `peft.utils.merge_utils`; for LoRA runs on
@@ -77,24 +76,23 @@ class ExMeCallback(TrainerCallback):
         choose_from (`str`, *optional*, defaults to `"all"`):
             `"all"`: the final model is the best of every SFT, EXPO and ExMe candidate, so it is never worse than
             the best checkpoint on the selection score. `"exme"`: the best ExMe merge, as the paper reports it.
-        storage (`str`, *optional*, defaults to `"cpu"`):
-            Where kept tensors live: `"cpu"` memory, or `"disk"` (safetensors in `<output_dir>/exme-snapshots`).
-        output_dir (`str`, *optional*):
-            Where the result is written; defaults to `<args.output_dir>/exme`.
+        storage (`str`, *optional*, defaults to `"cpu"`): where kept tensors live: `"cpu"` memory, or `"disk"`
+            (safetensors in `<output_dir>/exme-snapshots`).
+        output_dir (`str`, *optional*): where the result is written; defaults to `<args.output_dir>/exme`.
         load_exme_at_end (`bool`, *optional*, defaults to `False`):
             Leave the chosen model loaded after training (so `trainer.save_model()` saves it) instead of the
             trained weights. For LoRA runs the chosen model is an adapter named `"exme"`, left active.
         save_merged (`bool`, *optional*, defaults to `False`):
             LoRA runs: also save the chosen model fused into the base weights, in `<output_dir>/exme/merged`,
             beside the adapter (rank `r1 + r2`). DoRA runs are always saved fused.
-        evaluate_base (`bool`, *optional*, defaults to `True`):
-            Score the base model before training (it checks the metric early) for the report's Base row.
+        evaluate_base (`bool`, *optional*, defaults to `True`): score the base model before training (it checks the
+            metric early) for the report's Base row.
         **search:
-            The other search settings (`search.SearchSettings`): `strategy` (`"exme"`, `"mixup"` for M^3,
-            `"topk_greedy"`), `top_k` (checkpoints kept, default 2), `partner="kinship"` with `kinship_metric` and
-            `kinship_threshold`, `beta_search="mixup"`, `mixup_a`, `mixup_draws`, `dare`, `budget`, `seed`, and
-            the choice's `confidence` (the level of the gains' intervals, from per-item scores) and `min_gain` (a
-            number, or `"significant"`: keep the best checkpoint unless a candidate's gain clears it).
+            The other search settings (`settings.SearchSettings`): `strategy` (`"exme"`, `"mixup"` for M^3,
+            `"topk_greedy"`, or a `strategies.Strategy` of your own), `search="racing"`, `top_k` (checkpoints
+            kept, default 2), `partner="kinship"` with `kinship_metric` and `kinship_threshold`, `beta_search`,
+            `mixup_a`, `mixup_draws`, `dare`, `budget`, `seed`, `confidence` (of the gains' intervals) and
+            `min_gain` (a number, or `"significant"`: keep the best checkpoint unless a candidate's gain clears it).
 
     Example:
 
@@ -129,34 +127,32 @@ class ExMeCallback(TrainerCallback):
         **search,
     ):
         if trainer is not None and not (hasattr(trainer, "evaluate") and hasattr(trainer, "callback_handler")):
-            raise TypeError(f"`trainer` must be a `transformers.Trainer`, got {type(trainer).__name__}")
-        if evaluator is not None:
-            evaluator = as_evaluator(evaluator, "evaluator")
-        if report_evaluator is not None:
-            report_evaluator = as_evaluator(report_evaluator, "report_evaluator")
+            raise InputTypeError(f"`trainer` must be a `transformers.Trainer`, got {type(trainer).__name__}")
         if trainer is None and evaluator is None:
-            raise ValueError(
+            raise InputError(
                 "ExMeCallback needs a way to score candidates: pass the trainer (`ExMeCallback(trainer)`) or an "
                 "`evaluator=fn` with `fn(model) -> dict[str, float]`."
             )
         if storage not in STORAGES:
-            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
+            raise InputError(f"`storage` must be one of {STORAGES}, got {storage!r}")
         flags = {"load_exme_at_end": load_exme_at_end, "save_merged": save_merged, "evaluate_base": evaluate_base}
         for name, flag in flags.items():
             if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+                raise InputTypeError(f"`{name}` must be a bool, got {flag!r}")
         if report_metrics is not None and report_evaluator is None:
-            raise ValueError("`report_metrics` names the metrics of `report_evaluator`, which is not given.")
+            raise InputError("`report_metrics` names the metrics of `report_evaluator`, which is not given.")
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise TypeError(f"`output_dir` must be a path (str or os.PathLike), got {output_dir!r}")
+            raise InputTypeError(f"`output_dir` must be a path (str or os.PathLike), got {output_dir!r}")
         self.trainer = trainer
-        self.evaluator = evaluator if evaluator is not None else TrainerEvaluator(trainer)
-        self.report_evaluator = report_evaluator
+        self.evaluator = TrainerEvaluator(trainer) if evaluator is None else as_evaluator(evaluator, "evaluator")
+        self.report_evaluator = None
+        if report_evaluator is not None:
+            self.report_evaluator = as_evaluator(report_evaluator, "report_evaluator")
         # The objectives; when None, resolved at on_train_begin from the evaluators' `directions` or the trainer.
         self.objective = None if metrics is None else Objective.from_spec(metrics)
         self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
         self.settings = SearchSettings(alphas, betas, choose_from, baselines, **search)
-        pipeline.check_racing(self.evaluator, self.settings)
+        preflight.check_racing(self.evaluator, self.settings)
         self.storage = storage
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end, self.save_merged, self.evaluate_base = load_exme_at_end, save_merged, evaluate_base
@@ -176,12 +172,12 @@ class ExMeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._destination = os.path.abspath(self.output_dir or os.path.join(args.output_dir, "exme"))
         if model is None:
-            raise ValueError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
+            raise InputError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
         uses_trainer = isinstance(self.evaluator, TrainerEvaluator)
-        pipeline.check_trainer_run(args, self.trainer, needs_eval_dataset=uses_trainer)
-        pipeline.check_model(model, save_merged=self.save_merged, settings=self.settings)
+        preflight.check_trainer_run(args, self.trainer, needs_eval_dataset=uses_trainer)
+        preflight.check_model(model, save_merged=self.save_merged, settings=self.settings)
         if state.is_world_process_zero:
-            pipeline.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
+            preflight.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
         tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
         for evaluator in (self.evaluator, self.report_evaluator):
             if evaluator is not None:
@@ -204,11 +200,12 @@ class ExMeCallback(TrainerCallback):
         self._store = SnapshotStore(self.storage, snapshots)
         self._kept, self._base, self.report = [], None, None
         if state.global_step > 0:  # resumed: the base and the kept checkpoints come from the checkpoint folder
-            self._load_state(args, state)
+            resumed = load_resume_state(self._store, args, state.global_step, self.objective.name, self._shards)
+            self._kept, self._base = resumed.kept, resumed.base
         else:
             self._store.save("base", trainable_tensors(model))
             if self.evaluate_base and not args.eval_on_start:  # else the step-0 evaluation scores it
-                self._score_base(model)
+                self._base = pipeline.evaluate_base(model, self._scorer, self.settings, self._heldout)
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -221,10 +218,11 @@ class ExMeCallback(TrainerCallback):
         if fresh and self.trainer is not None:  # the trainer logged its own evaluation; this one is the callback's
             self.trainer.log({f"exme/checkpoint/{k}": v for k, v in {"score": score, **metrics}.items()})
         if step == 0:
-            self._score_base(model, score, metrics, items)
+            evaluation = (score, metrics, items)
+            self._base = pipeline.evaluate_base(model, self._scorer, self.settings, self._heldout, evaluation)
             return
         new = Checkpoint(step, score, metrics, items)
-        pipeline.check_items([new, *([self._base] if self._base is not None else [])], self.settings)
+        preflight.check_items([new, *([self._base] if self._base is not None else [])], self.settings)
         if not rank_checkpoints([new], self.objective.greater_is_better):
             logger.warning(f"ExMe: the evaluation at step {step} scored {score}; this checkpoint is not kept.")
             return
@@ -238,17 +236,14 @@ class ExMeCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         """Write the callback's state into the new checkpoint, so a resumed run ends with the same result."""
-        folder = self._folder(args, state.global_step)
+        folder = checkpoint_folder(args.output_dir, state.global_step)
         if not self._training or not (state.is_world_process_zero or self._shards > 1):
             return  # in a sharded run every rank writes its shards; else the main process writes for all
         if os.path.isdir(folder) or self._shards > 1:
-            info = {
-                "metric": self.objective.name,
-                "kept": [asdict(c) for c in self._kept],
-                "base": None if self._base is None else {**self._base.to_dict(), "items": self._base.items},
-                "base_model": pipeline.sources_of(kwargs["model"], [])["base_model"],  # read by `exme run`
-            }
-            save_state(self._store, folder, info, ["base", *(f"step-{c.step}" for c in self._kept)], self._shards)
+            base_model = sources_of(kwargs["model"], [])["base_model"]
+            save_resume_state(
+                self._store, folder, self.objective.name, self._kept, self._base, base_model, self._shards
+            )
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not self._training:
@@ -261,37 +256,9 @@ class ExMeCallback(TrainerCallback):
                     "and nothing was written. Evaluate during training (`eval_strategy='steps'` and `eval_steps`)."
                 )
                 return
-            store, kept = self._store, [f"step-{c.step}" for c in self._kept]
-            # Training ended on a kept checkpoint (on every rank's shards): no copy.
-            trained = sharding.agree(store.find(trainable_tensors(model), kept))
-            if trained is None:
-                trained = "trained"
-                store.save(trained, trainable_tensors(model))
-            plane = planes.make_plane(
-                model,
-                store.load("base"),
-                [store.load(key) for key in kept],
-                store.load(trained),
-                # A sharded model is gathered by `planes.save_pretrained`, whatever the trainer's settings.
-                save_model=None if self.trainer is None or self._sharded else self.trainer.save_model,
-                save_merged=self.save_merged,
-            )
-            self.report = pipeline.run(
-                model,
-                plane,
-                self._kept,
-                self._scorer,
-                self._destination,
-                settings=self.settings,
-                heldout=self._heldout,
-                base=self._base,
-                processing_class=processing_class or getattr(self.trainer, "processing_class", None),
-                sources=pipeline.sources_of(model, [self._folder(args, c.step) for c in self._kept]),
-                keep_chosen=self.load_exme_at_end,
-                write=state.is_world_process_zero,
-                show_progress=not args.disable_tqdm and state.is_world_process_zero,
-                log=None if self.trainer is None else self.trainer.log,
-            )
+            plane, output = self._plane(model), self._output(args, state, model, processing_class)
+            options = {"settings": self.settings, "heldout": self._heldout, "base": self._base}
+            self.report = pipeline.run(model, plane, self._kept, self._scorer, output, **options)
         finally:
             self._store.clear()
             if sharding.world() > 1:  # the ranks' folders' parent, once every rank's folder is gone
@@ -300,36 +267,28 @@ class ExMeCallback(TrainerCallback):
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
-    def _score_base(
-        self,
-        model: torch.nn.Module,
-        score: float | None = None,
-        metrics: dict | None = None,
-        items: dict | None = None,
-    ) -> None:
-        """The Base row: its selection score (given, or evaluated now) and its held-out score."""
-        self._base = Candidate(
-            "base", (0.0,) * self.settings.top_k, score=score, metrics=metrics or {}, items=items or {}
+    def _plane(self, model):
+        """The plane over the kept snapshots; training ended on a kept checkpoint (on every rank's shards): no copy
+        of the trained weights."""
+        store, kept = self._store, [f"step-{c.step}" for c in self._kept]
+        trained = sharding.agree(store.find(trainable_tensors(model), kept))
+        if trained is None:
+            trained = "trained"
+            store.save(trained, trainable_tensors(model))
+        # A sharded model is gathered by `planes.save_pretrained`, whatever the trainer's settings.
+        save_model = None if self.trainer is None or self._sharded else self.trainer.save_model
+        base, checkpoints = store.load("base"), [store.load(key) for key in kept]
+        return make_plane(
+            model, base, checkpoints, store.load(trained), save_model=save_model, save_merged=self.save_merged
         )
-        if score is None:
-            self._scorer.score_into(model, self._base)
-        pipeline.check_items([self._base], self.settings)
-        if self._heldout is not None:  # also checks the report evaluator's metrics before training
-            self._heldout.score_into(model, self._base, heldout=True)
 
-    @staticmethod
-    def _folder(args, step: int) -> str:
-        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-
-    def _load_state(self, args, state) -> None:
-        """Take the kept state back from the checkpoint training resumes from."""
-        saved = load_resume_state(
-            self._store,
-            args.output_dir,
-            state.global_step,
-            args.resume_from_checkpoint,
-            self.objective.name,
-            self._shards,
+    def _output(self, args, state, model, processing_class) -> pipeline.Output:
+        return pipeline.Output(
+            self._destination,
+            processing_class=processing_class or getattr(self.trainer, "processing_class", None),
+            sources=sources_of(model, [checkpoint_folder(args.output_dir, c.step) for c in self._kept]),
+            write=state.is_world_process_zero,
+            keep_chosen=self.load_exme_at_end,
+            show_progress=not args.disable_tqdm and state.is_world_process_zero,
+            log=None if self.trainer is None else self.trainer.log,
         )
-        self._kept = [Checkpoint(**c) for c in saved["kept"]]
-        self._base = None if saved["base"] is None else Candidate.from_dict(saved["base"])

@@ -17,42 +17,18 @@ import json
 import logging
 import os
 import sys
+from dataclasses import MISSING, fields
 
+from .errors import ExMeError
 from .kinship import METRICS
-from .search import (
-    BETA_SEARCHES,
-    CHOOSE_FROM,
-    DEFAULT_ALPHAS,
-    DEFAULT_BETAS,
-    PARTNERS,
-    SEARCHES,
-    STRATEGIES,
-    Checkpoint,
-    SearchSettings,
-    exme_coefficients,
-    validate_grid,
-)
+from .settings import SearchSettings
+from .strategies import exme_coefficients
 
-__all__ = ["main"]
+__all__ = ["add_settings_options", "main"]
 
 EPILOG = "Every model is a point base + sum_i c_i * (checkpoint_i - base); nothing is unpickled."
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SEARCH_OPTIONS = (
-    "strategy",
-    "top_k",
-    "partner",
-    "kinship_metric",
-    "kinship_threshold",
-    "beta_search",
-    "mixup_a",
-    "mixup_draws",
-    "dare",
-    "budget",
-    "seed",
-    "confidence",
-    "min_gain",
-    "search",
-)
+GROUPS = {"search": "search", "strategy": "strategy (see the README's Strategies section)"}
 
 
 def _min_gain(value: str) -> float | str:
@@ -75,6 +51,22 @@ class _Help(argparse.HelpFormatter):
             shown = " ".join(f"{v:g}" for v in default) if isinstance(default, (list, tuple)) else default
             text += f" (default: {shown})".replace("%", "%%")
         return text
+
+
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `SearchSettings` field (`--top-k` for `top_k`), with the field's help, choices and default, in
+    the field's group: the command line and the library's settings cannot drift apart."""
+    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
+    for f in fields(SearchSettings):
+        meta, option = f.metadata, "--" + f.name.replace("_", "-")
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        if isinstance(default, bool):
+            groups[meta["group"]].add_argument(option, action="store_true", default=default, help=meta["help"])
+            continue
+        kwargs = {k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta}
+        kwargs["type"] = _min_gain if meta.get("type") == "min_gain" else meta.get("type")
+        default = list(default) if isinstance(default, tuple) else default
+        groups[meta["group"]].add_argument(option, default=default, help=meta["help"], **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,43 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--limit", type=float, help="lm-eval: the first N documents of each task (a fraction if < 1)")
     scoring.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: each task's own)")
     scoring.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
-    search = run.add_argument_group("search")
-    search.add_argument(
-        "--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="extrapolation strengths"
-    )
-    search.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS), help="merge weights of EXPO-1")
-    search.add_argument(
-        "--choose-from", choices=tuple(CHOOSE_FROM), default="all", help="candidates the final model is chosen among"
-    )
-    search.add_argument(
-        "--baselines", action="store_true", help="also score weighted, TIES and DARE merges for the report"
-    )
-    search.add_argument(
-        "--search", choices=SEARCHES, default="grid", help="each stage on every item, or racing on growing subsets"
-    )
-    search.add_argument("--confidence", type=float, default=0.95, help="the level of the gains' confidence intervals")
-    search.add_argument(
-        "--min-gain",
-        type=_min_gain,
-        metavar="GAIN|significant",
-        help="keep the best checkpoint unless a candidate's gain clears this (default: the paper's argmax)",
-    )
-    strategy = run.add_argument_group("strategy (see the README's Strategies section)")
-    strategy.add_argument(
-        "--strategy", choices=STRATEGIES, default="exme", help="the search: ExMe, M^3 or Top-k greedy"
-    )
-    strategy.add_argument("--top-k", type=int, default=2, help="how many of the best checkpoints are kept and merged")
-    strategy.add_argument("--partner", choices=PARTNERS, default="next", help="SFT-2: the next best, or by kinship")
-    strategy.add_argument("--kinship-metric", choices=METRICS, default="pearson", help="kinship for --partner")
-    strategy.add_argument(
-        "--kinship-threshold", type=float, default=0.95, help="--partner kinship: below it (above, for euclidean)"
-    )
-    strategy.add_argument("--beta-search", choices=BETA_SEARCHES, default="grid", help="ExMe's betas: grid or M^3")
-    strategy.add_argument("--mixup-a", type=float, default=2.0, help="M^3: lambda ~ Beta(a, a)")
-    strategy.add_argument("--mixup-draws", type=int, default=9, help="M^3: how many lambdas are drawn")
-    strategy.add_argument("--dare", type=float, help="M^3 with DARE: the density each task vector keeps")
-    strategy.add_argument("--budget", type=int, help="Top-k greedy: the most merges evaluated")
-    strategy.add_argument("--seed", type=int, default=0, help="seed of the draws and of the DARE masks")
+    add_settings_options(run)
     output = run.add_argument_group("output")
     output.add_argument("--output-dir", help="where the result goes (default: RUN_DIR/exme)")
     output.add_argument(
@@ -204,10 +160,15 @@ def _add_model_options(group) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `exme` command; returns the exit status."""
+    """The `exme` command; returns the exit status: 0 done, 1 when the work fails for a reason the message names
+    (the library's own errors, `errors.ExMeError`, and corrupt safetensors files), 2 for bad usage. Anything else is
+    a bug, and is raised with its traceback."""
+    from safetensors import SafetensorError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("exme_callback.pipeline").setLevel(logging.INFO)  # the checkpoints' scores, the choice
     try:
         if args.command == "run":
             _check_run_usage(parser, args)
@@ -219,13 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.checkpoints) < 2:
                 parser.error("kinship compares checkpoints: give at least two after BASE")
             _kinship(args)
-    except (ValueError, KeyError, OSError, NotImplementedError, ImportError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"exme: error: {message}", file=sys.stderr)
+    except ExMeError as error:
+        print(f"exme: error: {error}", file=sys.stderr)
         return 1
-    except Exception as error:
-        if type(error).__name__ != "SafetensorError":  # a corrupt .safetensors file
-            raise
+    except SafetensorError as error:
         print(f"exme: error: a checkpoint file is corrupt ({error})", file=sys.stderr)
         return 1
     return 0
@@ -238,17 +196,12 @@ def _check_run_usage(parser, args) -> None:
         parser.error("give --heldout-tasks or --heldout-data, not both")
     if args.checkpoint and args.metric:
         parser.error("--metric ranks the run's checkpoints; with --checkpoint they are given: leave one out")
+    names = [f.name for f in fields(SearchSettings)]
     try:
-        args.alphas = validate_grid("--alphas", args.alphas, low=0.0)
-        args.betas = validate_grid("--betas", args.betas, low=0.0, high=1.0)
-    except (TypeError, ValueError) as error:
-        parser.error(str(error).replace("`", ""))
-    options = {name: getattr(args, name) for name in SEARCH_OPTIONS}
-    try:
-        args.settings = SearchSettings(args.alphas, args.betas, args.choose_from, args.baselines, **options)
+        args.settings = SearchSettings(**{name: getattr(args, name) for name in names})
     except (TypeError, ValueError) as error:  # named as the option, not the Python argument
         message = str(error)
-        for name in SEARCH_OPTIONS:
+        for name in names:
             message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
         parser.error(message)
     if args.batch_size < 1:
@@ -298,21 +251,20 @@ def _dtype(name: str):
 
 
 def _run(args) -> None:
-    """`exme run`: rank, load, score the checkpoints and the base, then the pipeline."""
+    """`exme run`: the checkpoints (ranked, or given), the live model and its plane, the scorers, then the
+    pipeline, which scores the checkpoints and the base like every candidate."""
     from . import pipeline
+    from .candidates import Checkpoint
+    from .preflight import check_racing, check_writable
     from .runs import load_plane, rank_run
-    from .search import Candidate
 
     destination = os.path.abspath(args.output_dir or os.path.join(args.run_dir, "exme"))
-    pipeline.check_writable(destination, "--output-dir")
-    settings = args.settings
-
-    # 1. The checkpoints: ranked from the run's history, or given.
+    check_writable(destination, "--output-dir")
     if args.checkpoint:
         folders = args.checkpoint
         steps = [_step_of(folder, i) for i, folder in enumerate(folders)]
     else:
-        ranked = rank_run(args.run_dir, args.metric, keep=settings.top_k)
+        ranked = rank_run(args.run_dir, args.metric, keep=args.settings.top_k)
         direction = "higher" if ranked.greater_is_better else "lower"
         _say(
             f"Ranked by {ranked.metric} ({direction} is better): "
@@ -322,55 +274,28 @@ def _run(args) -> None:
             _say(f"Skipped, no longer on disk (save_total_limit?): steps {ranked.missing}")
         folders = [ranked.folders[c.step] for c in ranked.checkpoints]
         steps = [c.step for c in ranked.checkpoints]
-
-    # 2. The live model and the plane; the scorers.
     loaded = load_plane(args.base, folders, dtype=_dtype(args.dtype), device=args.device, save_merged=args.save_merged)
-    model, plane = loaded.model, loaded.plane
-    if loaded.tokenizer is None:
-        plane.close()
-        raise FileNotFoundError(
-            f"No tokenizer in {folders[0]} or in the base {loaded.base}: scoring needs one. Save the tokenizer "
-            "into the base folder (`tokenizer.save_pretrained(folder)`)."
-        )
-    scorer = _scorer(args.tasks, args.include_path, args.eval_data, loaded.tokenizer, args)
-    pipeline.check_racing(scorer.evaluator, args.settings)
-    heldout = None
-    if args.heldout_tasks or args.heldout_data:
-        include = args.heldout_include_path or args.include_path
-        heldout = _scorer(args.heldout_tasks, include, args.heldout_data, loaded.tokenizer, args)
-
-    # 3. The checkpoints and the base, scored like every candidate (their rows of the table).
     try:
-        k = len(folders)
-        checkpoints = []
-        for i, step in enumerate(steps):
-            plane.apply(tuple(float(i == j) for j in range(k)))
-            score, metrics, items = scorer(model)
-            checkpoints.append(Checkpoint(step, score, metrics, items))
-            _say(f"Checkpoint step {step}: {scorer.objective.name} = {score:.6g}")
-        plane.apply((0.0,) * k)
-        base = scorer.score_into(model, Candidate("base", (0.0,) * k))
-        if heldout is not None:
-            heldout.score_into(model, base, heldout=True)
+        scorer = _scorer(args.tasks, args.include_path, args.eval_data, loaded, args)
+        check_racing(scorer.evaluator, args.settings)
+        heldout = None
+        if args.heldout_tasks or args.heldout_data:
+            include = args.heldout_include_path or args.include_path
+            heldout = _scorer(args.heldout_tasks, include, args.heldout_data, loaded, args)
     except BaseException:
-        plane.close()
+        loaded.plane.close()
         raise
-    sources = {
-        "base_model": loaded.base,
-        "checkpoints": [os.path.abspath(f) for f in folders],
-        "adapter": loaded.adapter,
-    }
+    folders = [os.path.abspath(folder) for folder in folders]
+    sources = {"base_model": loaded.base, "checkpoints": folders, "adapter": loaded.adapter}
     report = pipeline.run(
-        model,
-        plane,
-        checkpoints,
+        loaded.model,
+        loaded.plane,
+        [Checkpoint(step) for step in steps],
         scorer,
-        destination,
-        settings=settings,
+        pipeline.Output(destination, processing_class=loaded.tokenizer, sources=sources),
+        settings=args.settings,
         heldout=heldout,
-        base=base,
-        processing_class=loaded.tokenizer,
-        sources=sources,
+        base="score",
     )
     print()
     print(report.to_markdown())
@@ -415,26 +340,32 @@ def _kinship(args) -> None:
         print(f"\n{metric}:\n")
         print("| | " + " | ".join(names) + " |")
         print("|---|" + "---:|" * len(names))
-        for name, row in zip(names, matrix):
+        for name, row in zip(names, matrix, strict=True):
             print(f"| {name} | " + " | ".join(f"{value:.4f}" for value in row) + " |")
 
 
-def _scorer(tasks, include_path, data, tokenizer, args):
+def _scorer(tasks, include_path, data, loaded, args):
+    from .errors import MissingFileError
     from .evaluators import LMEvalEvaluator, LossEvaluator
     from .scoring import Objective, Scorer
 
+    if loaded.tokenizer is None:
+        raise MissingFileError(
+            f"No tokenizer in the checkpoints or in the base {loaded.base}: scoring needs one. Save the tokenizer "
+            "into the base folder (`tokenizer.save_pretrained(folder)`)."
+        )
     if tasks:
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
         evaluator = LMEvalEvaluator(
             tasks,
-            tokenizer,
+            loaded.tokenizer,
             include_path=include_path,
             limit=limit,
             batch_size=args.batch_size,
             num_fewshot=args.num_fewshot,
         )
     else:
-        evaluator = LossEvaluator(data, tokenizer, batch_size=args.batch_size)
+        evaluator = LossEvaluator(data, loaded.tokenizer, batch_size=args.batch_size)
     return Scorer(evaluator, Objective.for_evaluator(evaluator))
 
 

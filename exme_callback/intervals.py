@@ -34,6 +34,8 @@ from numbers import Real
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["Items", "check_level", "gain_interval"]
 
 Items = Mapping[str, Sequence[float]]
@@ -45,7 +47,7 @@ _BLOCK = 1 << 22  # resampled entries held at once (iterations x items), 32 MiB 
 def check_level(level) -> float:
     """`level` as a float in (0, 1), or a `ValueError` naming `confidence`."""
     if isinstance(level, bool) or not isinstance(level, Real) or not 0.0 < float(level) < 1.0:
-        raise ValueError(f"`confidence` must be a number in (0, 1), like 0.95, got {level!r}")
+        raise InputError(f"`confidence` must be a number in (0, 1), like 0.95, got {level!r}")
     return float(level)
 
 
@@ -78,7 +80,7 @@ def gain_interval(
     for metric, weight in weights.items():
         a, b = (torch.as_tensor(items[metric], dtype=torch.float64) for items in (candidate, reference))
         if a.shape != b.shape or a.ndim != 1 or not len(a):
-            raise ValueError(
+            raise InputError(
                 f"The per-item scores of `{metric}` differ between two evaluations ({tuple(a.shape)} and "
                 f"{tuple(b.shape)} items): an evaluator must score the same items, in the same order, every time."
             )

@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import InputError, StorageError
+
 __all__ = ["Flat", "SafetensorsMapping", "flat", "publish_dir"]
 
 
@@ -116,7 +118,7 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
         numel = (end - begin) // size
         stop = numel if stop is None else stop
         if not 0 <= start <= stop <= numel:  # the file goes on with the next tensor's bytes: never read them
-            raise ValueError(
+            raise InputError(
                 f"Cannot read elements [{start}, {stop}) of tensor `{name}`, which has {numel} elements: ask for "
                 f"`0 <= start <= stop <= {numel}`."
             )
@@ -124,7 +126,7 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
         with open(path, "rb", buffering=0) as f:
             f.seek(offset + begin + start * size)
             if f.readinto(data.numpy()) != data.numel():
-                raise OSError(f"{path} ends inside tensor `{name}`: the file is truncated.")
+                raise StorageError(f"{path} ends inside tensor `{name}`: the file is truncated.")
         return data.view(dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError, MissingNameError
 from .io import flat
 
 __all__ = ["METRICS", "Gram", "LoraModule", "dense_gram", "lora_gram"]
@@ -83,7 +84,7 @@ class Gram:
         `"euclidean"` is a distance (0 for the same model).
         """
         if metric not in METRICS:
-            raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")
+            raise InputError(f"`metric` must be one of {METRICS}, got {metric!r}")
         a, b = self._vector(a, "a"), self._vector(b, "b")
         ab, aa, bb = a @ self.inner @ b, a @ self.inner @ a, b @ self.inner @ b
         if metric == "euclidean":
@@ -103,7 +104,7 @@ class Gram:
     def _vector(self, c: Sequence[float], name: str) -> torch.Tensor:
         vector = torch.as_tensor(c, dtype=_WIDE)
         if vector.shape != (self.k,):
-            raise ValueError(f"`{name}` must have one coefficient per kept checkpoint ({self.k}), got {tuple(c)}")
+            raise InputError(f"`{name}` must have one coefficient per kept checkpoint ({self.k}), got {tuple(c)}")
         return vector
 
 
@@ -131,10 +132,12 @@ def dense_gram(base: Mapping[str, torch.Tensor], checkpoints: Sequence[Mapping[s
         tensors = []
         for i, checkpoint in enumerate(checkpoints):
             if name not in checkpoint:
-                raise KeyError(f"Tensor `{name}` is missing from checkpoint {i}; kinship needs the same tensor names.")
+                raise MissingNameError(
+                    f"Tensor `{name}` is missing from checkpoint {i}; kinship needs the same tensor names."
+                )
             tensor = flat(checkpoint, name)
             if tensor.shape != b.shape:
-                raise ValueError(
+                raise InputError(
                     f"Tensor `{name}` has shape {tuple(tensor.shape)} in checkpoint {i} but {tuple(b.shape)} in the "
                     "base; kinship needs the same shapes."
                 )
@@ -191,7 +194,7 @@ def lora_gram(modules: Iterable[LoraModule]) -> Gram:
             k = len(terms)
             inner, sums = torch.zeros(k, k, dtype=_WIDE), torch.zeros(k, dtype=_WIDE)
         elif len(terms) != k:
-            raise ValueError(
+            raise InputError(
                 f"`modules[{position}]` has {len(terms)} checkpoints but `modules[0]` has {k}: every LoRA module "
                 "needs the factors `(B_i, A_i)` of every kept checkpoint, in the same order."
             )
@@ -207,5 +210,5 @@ def lora_gram(modules: Iterable[LoraModule]) -> Gram:
         b, a = module.checkpoints[0]
         numel += b.shape[0] * a.shape[1]
     if k is None:
-        raise ValueError("`modules` is empty: no LoRA module to measure.")
+        raise InputError("`modules` is empty: no LoRA module to measure.")
     return Gram(inner, sums, numel)

@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .errors import InputError, UnsupportedError
 from .kinship import Gram, LoraModule, dense_gram, lora_gram
 from .merges import Merge, merge_task_vectors, seeded
 from .span import StateDict, span_point
@@ -64,17 +65,17 @@ def check_peft_model(model: torch.nn.Module) -> None:
     from peft import PeftModel, PeftType
 
     if not isinstance(model, PeftModel):
-        raise NotImplementedError(
+        raise UnsupportedError(
             "ExMeCallback supports PEFT through `peft.PeftModel` (`get_peft_model(model, LoraConfig(...))`, or "
             "`SFTTrainer(..., peft_config=...)`), not adapters added with `model.add_adapter`."
         )
     config = model.peft_config[model.active_adapter]
     if config.peft_type != PeftType.LORA:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"ExMeCallback supports LoRA among PEFT methods, got {config.peft_type.value}; use a `LoraConfig`."
         )
     if getattr(config, "target_parameters", None):
-        raise NotImplementedError("ExMeCallback does not support LoRA on `target_parameters`; use `target_modules`.")
+        raise UnsupportedError("ExMeCallback does not support LoRA on `target_parameters`; use `target_modules`.")
 
 
 class LoraPlane:
@@ -178,7 +179,7 @@ class LoraPlane:
         points = [{name: point[name] for name in self._dense} for point in (base, *checkpoints)]
         for name in self._originals:  # DoRA weights, written into the base layer (in the modules' order)
             self._dense[name] = parameters[name].data
-            for point, effective_weights in zip(points, effective):
+            for point, effective_weights in zip(points, effective, strict=True):
                 point[name] = effective_weights[name]
         return points
 
@@ -196,13 +197,13 @@ class LoraPlane:
             for scaling, a_name, bias_name, live_a, live_bias in self._factors:
                 blocks = [
                     p[a_name].to(live_a.device, torch.float32) * (c * scaling)
-                    for p, c in zip(self._points, coefficients)
+                    for p, c in zip(self._points, coefficients, strict=True)
                 ]
                 live_a.copy_(torch.cat(blocks, dim=0))
                 if live_bias is not None:
                     biases = [
                         p[bias_name].to(live_bias.device, torch.float32) * (c * scaling)
-                        for p, c in zip(self._points, coefficients)
+                        for p, c in zip(self._points, coefficients, strict=True)
                     ]
                     live_bias.copy_(torch.stack(biases).sum(0))
             span_point(self._dense_points[0], self._dense_points[1:], point, out=self._dense)
@@ -227,7 +228,7 @@ class LoraPlane:
                 for key, values in deltas.items():
                     live = getattr(base_layer, key)
                     if live is None:
-                        raise NotImplementedError(f"`{prefix}`: merging LoRA biases needs a base layer with a bias.")
+                        raise UnsupportedError(f"`{prefix}`: merging LoRA biases needs a base layer with a bias.")
                     name = f"{prefix}.base_layer.{key}"
                     self._base_layers.setdefault(name, live.detach().to("cpu", copy=True))
                     task_vectors = [v.to(live.device) - values[0].to(live.device) for v in values[1:]]
@@ -262,7 +263,7 @@ class LoraPlane:
                 )
             )
             if bias_name is not None:  # lora_bias: B's bias adds `scaling * bias` to the output
-                for tensors, point in zip(biases, (self._base, *self._checkpoints)):
+                for tensors, point in zip(biases, (self._base, *self._checkpoints), strict=True):
                     tensors[bias_name] = point[bias_name].float() * scaling
         gram = dense_gram(self._dense_points[0], self._dense_points[1:]) + dense_gram(biases[0], biases[1:])
         return gram + lora_gram(modules) if modules else gram
@@ -303,7 +304,7 @@ class LoraPlane:
     def save_adapter(self, folder: str) -> None:
         """Save the current candidate as a PEFT adapter folder (rank `r1 + ... + rk`, scaling 1)."""
         if not self.exact_adapter:
-            raise ValueError("A DoRA candidate is dense effective weights, not a LoRA adapter: use `save_merged`.")
+            raise InputError("A DoRA candidate is dense effective weights, not a LoRA adapter: use `save_merged`.")
         staging = os.path.join(folder, ".adapter")
         config = self.model.peft_config[EXME_ADAPTER]
         config.bias = self.model.peft_config[self.adapter].bias  # so the candidate's biases are saved too

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .errors import InputError, MissingExtraError
 from .span import StateDict, lookup
 
 __all__ = ["MERGES", "Merge", "MergeFunction", "dare", "merge_task_vectors", "seeded", "ties"]
@@ -52,7 +53,7 @@ def _merge_utils():
     try:
         from peft.utils import merge_utils
     except ImportError as error:
-        raise ImportError(
+        raise MissingExtraError(
             "The TIES and DARE merges use `peft.utils.merge_utils`: `pip install 'exme-callback[peft]'`."
         ) from error
     return merge_utils
@@ -119,19 +120,19 @@ class Merge:
 
     def __post_init__(self):
         if self.method not in MERGES:
-            raise ValueError(f"Unknown merge method {self.method!r}; known: {', '.join(sorted(MERGES))}")
+            raise InputError(f"Unknown merge method {self.method!r}; known: {', '.join(sorted(MERGES))}")
         checkpoints = tuple(self.checkpoints)
         if not checkpoints or not all(isinstance(i, int) and i >= 0 for i in checkpoints):
-            raise ValueError(
+            raise InputError(
                 f"`checkpoints` must be the positions (ints >= 0) of the task vectors merged, got {self.checkpoints!r}"
             )
         weights = tuple(float(w) for w in self.weights)
         if len(weights) != len(checkpoints) or not all(math.isfinite(w) for w in weights):
-            raise ValueError(
+            raise InputError(
                 f"`weights` must be one finite number per merged checkpoint ({len(checkpoints)}), got {self.weights!r}"
             )
         if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"`density` must be in (0, 1], got {self.density!r}")
+            raise InputError(f"`density` must be in (0, 1], got {self.density!r}")
         object.__setattr__(self, "checkpoints", checkpoints)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "density", float(self.density))
@@ -145,7 +146,7 @@ class Merge:
             `ValueError`: `checkpoints` names a task vector that `task_vectors` does not have.
         """
         if max(self.checkpoints) >= len(task_vectors):
-            raise ValueError(
+            raise InputError(
                 f"This merge uses the task vectors {self.checkpoints}, but {len(task_vectors)} were given: build it "
                 "with the positions of the plane's checkpoints."
             )

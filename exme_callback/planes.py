@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, MutableMapping, Sequence
 from functools import partial
 from typing import Protocol, runtime_checkable
@@ -25,13 +26,14 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from . import sharding
+from .errors import InputError
 from .kinship import Gram, dense_gram
 from .lora import LoraPlane, is_peft_model
 from .merges import Merge, merge_task_vectors
 from .snapshots import trainable_tensors
 from .span import StateDict, span_point
 
-__all__ = ["DensePlane", "Plane", "Point", "make_plane", "save_pretrained"]
+__all__ = ["DensePlane", "Plane", "Point", "make_plane", "save_pretrained", "sources_of"]
 
 Point = Sequence[float] | Merge
 """What a plane applies: a coefficient vector `(c_1, ..., c_k)`, or a `Merge` of the task vectors off the span."""
@@ -100,7 +102,7 @@ class DensePlane:
     def save(self, folder: str, merged: bool = False) -> dict[str, str]:
         """Save the live model with `save_model` (it is a plain model already: `merged` changes nothing)."""
         if self.save_model is None:
-            raise ValueError("This `DensePlane` was built without `save_model`: it cannot save the model.")
+            raise InputError("This `DensePlane` was built without `save_model`: it cannot save the model.")
         self.save_model(folder)
         return {"model": folder}
 
@@ -152,3 +154,16 @@ def save_pretrained(model: torch.nn.Module, folder: str) -> None:
     state_dict = sharding.gathered_state_dict(model)
     if sharding.rank() == 0:
         model.save_pretrained(folder, state_dict=state_dict)
+
+
+def sources_of(model: torch.nn.Module, checkpoints: Sequence[str]) -> dict:
+    """What the model card and the mergekit recipe name: the base model the live model records (an adapter's
+    `base_model_name_or_path`, else the config's `name_or_path`), the kept checkpoints' folders (absolute paths),
+    and whether they are LoRA adapters."""
+    adapter = is_peft_model(model)
+    config = model.peft_config[model.active_adapter] if adapter else None
+    base = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if base and os.path.isdir(base):  # a local folder: absolute, so the recipe replays from anywhere
+        base = os.path.abspath(base)
+    folders = [os.path.abspath(folder) for folder in checkpoints]
+    return {"base_model": base or None, "checkpoints": folders, "adapter": adapter}

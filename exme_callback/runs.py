@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
+from .candidates import Checkpoint, rank_checkpoints
+from .errors import InputError, MissingFileError, MissingNameError
 from .io import SafetensorsMapping
 from .planes import Plane, make_plane
+from .preflight import check_model
 from .scoring import metric_key
-from .search import Checkpoint, rank_checkpoints
 from .snapshots import STATE_DIR, STATE_FILE, trainable_tensors
 
 __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resolve_metric"]
@@ -76,9 +78,9 @@ def read_trainer_state(run_dir: str) -> dict:
                 with open(path) as f:
                     states.append(json.load(f))
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"{path} is not valid JSON ({error}); the run's history cannot be read.") from None
+                raise InputError(f"{path} is not valid JSON ({error}); the run's history cannot be read.") from None
     if not states:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir} has no trainer_state.json (neither in the folder nor in a checkpoint-* folder): is it a "
             "Trainer output folder? Name the checkpoints with --checkpoint instead."
         )
@@ -110,7 +112,7 @@ def resolve_metric(state: dict, metric: str | None = None) -> tuple[str, bool]:
     if name is None:
         timings = ("_runtime", "_samples_per_second", "_steps_per_second")
         evaluated = sorted(k for k in keys if k.startswith(("eval_", "exme/checkpoint/")) and not k.endswith(timings))
-        raise KeyError(
+        raise MissingNameError(
             f"--metric: {metric!r} is not in the run's log history; its evaluations have {evaluated or 'no metrics'}."
         )
     return name, not name.endswith("loss")
@@ -136,7 +138,7 @@ def rank_run(run_dir: str, metric: str | None = None, keep: int = 2) -> RankedRu
     cutoff = ranked.index(on_disk[-1]) + 1 if len(on_disk) == keep else len(ranked)  # would have been kept
     missing = [c.step for c in ranked[:cutoff] if c.step not in folders]
     if not on_disk:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir}: none of the {len(ranked)} checkpoints evaluated by {name} is on disk "
             f"(checkpoint folders: {sorted(folders) or 'none'}). Save checkpoints at the evaluation steps, or name "
             "them with --checkpoint."
@@ -152,19 +154,19 @@ def checkpoint_kind(folder: str) -> str:
             weights at all.
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"Checkpoint folder {folder} does not exist.")
+        raise MissingFileError(f"Checkpoint folder {folder} does not exist.")
     if os.path.isfile(os.path.join(folder, ADAPTER)):
         return "adapter"
     if os.path.isfile(os.path.join(folder, FULL)) or os.path.isfile(os.path.join(folder, SHARDED)):
         return "full"
     pickled = [name for name in PICKLES if os.path.isfile(os.path.join(folder, name))]
     if pickled:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} holds only pickled weights ({', '.join(pickled)}), which exme never loads (unpickling runs "
             "code). Convert it once, where you trust the file: `AutoModelForCausalLM.from_pretrained(folder)."
             "save_pretrained(folder)` (or `PeftModel...save_pretrained`) writes safetensors."
         )
-    raise FileNotFoundError(f"{folder} has no {FULL}, {SHARDED} or {ADAPTER}: not a checkpoint folder.")
+    raise MissingFileError(f"{folder} has no {FULL}, {SHARDED} or {ADAPTER}: not a checkpoint folder.")
 
 
 def base_of(folder: str) -> str | None:
@@ -221,7 +223,7 @@ def _load_base(base: str, model_class, dtype: torch.dtype | None, device: str):
     try:
         model = model_class.from_pretrained(base, **kwargs)
     except OSError as error:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--base: cannot load {base!r} offline ({str(error).splitlines()[0]}). Give a local folder, or a model id "
             "already in the Hugging Face cache."
         ) from None
@@ -271,15 +273,13 @@ def load_plane(
     """
     import transformers
 
-    from .pipeline import check_model
-
     kinds = {folder: checkpoint_kind(folder) for folder in folders}
     if len(set(kinds.values())) > 1:
-        raise ValueError(f"The checkpoints mix full models and LoRA adapters: {kinds}. Give checkpoints of one run.")
+        raise InputError(f"The checkpoints mix full models and LoRA adapters: {kinds}. Give checkpoints of one run.")
     adapter = kinds[folders[0]] == "adapter"
     base = base or base_of(folders[0])
     if base is None:
-        raise ValueError(f"{folders[0]} does not record its base model: give it with --base.")
+        raise InputError(f"{folders[0]} does not record its base model: give it with --base.")
     if adapter:
         model_class = transformers.AutoModelForCausalLM
     else:
@@ -294,15 +294,15 @@ def load_plane(
         model.requires_grad_(True)
         base_tensors = {n: t.detach().to("cpu", copy=True) for n, t in trainable_tensors(model).items()}
         checkpoints = [_full_tensors(folder) for folder in folders]
-        for folder, tensors in zip(folders, checkpoints):
+        for folder, tensors in zip(folders, checkpoints, strict=True):
             for name, tensor in base_tensors.items():
                 if name not in tensors:
-                    raise ValueError(
+                    raise InputError(
                         f"{folder} has no tensor `{name}` of the base model {base}: they are different "
                         "architectures (or the checkpoint is incomplete)."
                     )
                 if tensors.shape(name) != tuple(tensor.shape):
-                    raise ValueError(
+                    raise InputError(
                         f"{folder}: tensor `{name}` has shape {tensors.shape(name)} but {tuple(tensor.shape)} in "
                         f"the base model {base}: they are different architectures."
                     )
@@ -319,14 +319,14 @@ def _adapters(model, folders: list[str]):
 
     configs = [LoraConfig.from_pretrained(folder) for folder in folders]
     shape = ("r", "lora_alpha", "target_modules", "modules_to_save", "use_dora", "use_rslora", "bias")
-    for folder, config in zip(folders[1:], configs[1:]):
+    for folder, config in zip(folders[1:], configs[1:], strict=True):
         differ = [key for key in shape if getattr(config, key) != getattr(configs[0], key)]
         if differ:
-            raise ValueError(
+            raise InputError(
                 f"{folder}'s adapter differs from {folders[0]}'s in {differ}: not checkpoints of one run."
             )
     if configs[0].init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(
+        raise InputError(
             f"{folders[0]}: adapters initialized with {configs[0].init_lora_weights!r} start from a non-zero adapter "
             "that changes the base weights; the start is not in the checkpoints. Use the callback during training."
         )
@@ -344,9 +344,9 @@ def _adapters(model, folders: list[str]):
         try:  # PEFT reads the safetensors file (checked present) and maps its names to this model's
             result = set_peft_model_state_dict(model, load_peft_weights(folder, device="cpu"))
         except RuntimeError as error:  # a size mismatch
-            raise ValueError(f"{folder}: {str(error).splitlines()[0]}") from None
+            raise InputError(f"{folder}: {str(error).splitlines()[0]}") from None
         if result.unexpected_keys:
-            raise ValueError(f"{folder} has tensors the adapter does not: {result.unexpected_keys[:3]} ...")
+            raise InputError(f"{folder} has tensors the adapter does not: {result.unexpected_keys[:3]} ...")
         checkpoints.append(snapshot())
     with torch.no_grad():
         for name, parameter in model.named_parameters():

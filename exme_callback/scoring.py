@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError, InputTypeError, MissingNameError, UnsupportedError
+
 __all__ = [
     "Evaluator",
     "FunctionEvaluator",
@@ -104,7 +106,7 @@ class Evaluator:
     ) -> Mapping[str, float | Sequence[float]]:
         """The metrics of the live model: each a number, or the per-item scores whose mean it is (the same items, in
         the same order, at every call); only those of the items in `items` when it is given (`scores_subsets`)."""
-        raise NotImplementedError(f"{type(self).__name__} must define `__call__(self, model)`.")
+        raise UnsupportedError(f"{type(self).__name__} must define `__call__(self, model)`.")
 
 
 class FunctionEvaluator(Evaluator):
@@ -141,7 +143,9 @@ def as_evaluator(fn: Evaluator | Callable[..., Mapping[str, Any]], name: str = "
     if isinstance(fn, Evaluator):
         return fn
     if not callable(fn):
-        raise TypeError(f"`{name}` must be a callable `model -> dict[str, float]` (or an `Evaluator`), got {fn!r}")
+        raise InputTypeError(
+            f"`{name}` must be a callable `model -> dict[str, float]` (or an `Evaluator`), got {fn!r}"
+        )
     return FunctionEvaluator(fn)
 
 
@@ -197,12 +201,12 @@ class Objective:
 
     def __init__(self, metrics: Mapping[str, bool]):
         if not metrics:
-            raise ValueError("`metrics` must name at least one metric.")
+            raise InputError("`metrics` must name at least one metric.")
         self.metrics = dict(metrics)
         for name in self.metrics:
             key = metric_key(name, self.metrics.keys() - {name})  # another of the names, read for this one
             if key is not None:
-                raise ValueError(
+                raise InputError(
                     f"`metrics` names {name!r} and {key!r}, which are one metric, {key!r} (a name is looked up with "
                     f"the trainer's `eval_` prefix first): name each metric once, got {metrics!r}"
                 )
@@ -236,13 +240,13 @@ class Objective:
             spec = {}
             for name, direction in metrics.items():
                 if not isinstance(name, str) or direction not in _DIRECTIONS:
-                    raise ValueError(f"`metrics` must map metric names to 'max' or 'min', got {name!r}: {direction!r}")
+                    raise InputError(f"`metrics` must map metric names to 'max' or 'min', got {name!r}: {direction!r}")
                 spec[name] = _DIRECTIONS[direction]
             return cls(spec)
         if not isinstance(metrics, Sequence) or not metrics or not all(isinstance(m, str) for m in metrics):
-            raise ValueError(f"`metrics` must be a non-empty list of metric names, got {metrics!r}")
+            raise InputError(f"`metrics` must be a non-empty list of metric names, got {metrics!r}")
         if len(set(metrics)) != len(metrics):
-            raise ValueError(f"`metrics` must not repeat a name, got {metrics!r}")
+            raise InputError(f"`metrics` must not repeat a name, got {metrics!r}")
         return cls({name: _default_direction(name) for name in metrics})
 
     @classmethod
@@ -289,7 +293,7 @@ class Objective:
         for name in self.metrics:
             key = metric_key(name, metrics)
             if key is None:
-                raise KeyError(
+                raise MissingNameError(
                     f"The metric {name!r} is not in the evaluation's output, which has {sorted(metrics)}. Set "
                     "`metric_for_best_model` (or the callback's `metrics`) to one of them."
                 )
@@ -297,7 +301,7 @@ class Objective:
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
             if not isinstance(value, Real) or isinstance(value, bool):
-                raise TypeError(f"The metric {key!r} must be a real number, got {value!r}")
+                raise InputTypeError(f"The metric {key!r} must be a real number, got {value!r}")
             found[key] = float(value)
         return found
 
@@ -305,7 +309,7 @@ class Objective:
         """The selection score of one evaluation (NaN or inf when a metric is)."""
         values = self.values(metrics).values()
         if self._signed:
-            values = [v if up else -v for v, up in zip(values, self.metrics.values())]
+            values = [v if up else -v for v, up in zip(values, self.metrics.values(), strict=True)]
         return math.fsum(values) / len(self.metrics)
 
     def __repr__(self) -> str:
@@ -346,18 +350,20 @@ class Scorer:
         """The score of an evaluation's metrics, the metrics kept for the report, and the per-item scores of the
         objective's metrics (empty unless the evaluator gave all of them item by item)."""
         if not isinstance(metrics, Mapping):
-            raise TypeError(f"`{self.name}` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}")
+            raise InputTypeError(
+                f"`{self.name}` must return a dict of metrics, got {type(metrics).__name__}: {metrics!r}"
+            )
         items = {key: self._items(key, value) for key, value in metrics.items() if _is_items(value)}
         metrics = {**metrics, **{key: math.fsum(values) / len(values) for key, values in items.items()}}
         try:
             return self.objective(metrics), numeric_metrics(metrics), self.objective.items(items)
         except KeyError as error:
-            raise KeyError(f"ExMe: {error.args[0]}") from None
+            raise MissingNameError(f"ExMe: {error.args[0]}") from None
 
     def _items(self, key: str, values) -> list[float]:
         values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
         if not values or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
-            raise TypeError(
+            raise InputTypeError(
                 f"`{self.name}` gave `{key}` as a list: it must be a non-empty list of per-item scores (numbers), "
                 f"got {values[:5]!r}{'...' if len(values) > 5 else ''}"
             )

@@ -27,6 +27,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from .errors import UnsupportedError
 from .kinship import Gram
 
 __all__ = [
@@ -107,13 +108,13 @@ def check_model(model: torch.nn.Module) -> None:
     except ImportError:
         return
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
-        raise NotImplementedError(
+        raise UnsupportedError(
             "ExMeCallback does not support FSDP1 (`FullyShardedDataParallel`): its flat parameters hide the tensors "
             "ExMe keeps. Use FSDP2: `fsdp_version: 2` in the accelerate config, or `fsdp_config={'version': 2}` in "
             "the training arguments."
         )
     if any(_is_zero3(p) and getattr(p.ds_tensor, "final_location", None) == "nvme" for p in model.parameters()):
-        raise NotImplementedError(
+        raise UnsupportedError(
             "ExMeCallback does not support ZeRO-3 parameters offloaded to NVMe (`offload_param.device='nvme'`): their "
             "partitions are not in memory to blend. Offload them to the CPU instead, or not at all."
         )

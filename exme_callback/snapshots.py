@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import sharding
+from .errors import InputError, MissingFileError, MissingNameError
 from .io import SafetensorsMapping
 
-__all__ = ["SnapshotStore", "load_resume_state", "load_state", "save_state", "trainable_tensors"]
+__all__ = ["SnapshotStore", "load_state", "save_state", "trainable_tensors"]
 
 STORAGES = ("cpu", "disk")
 STATE_DIR, STATE_FILE = "exme", "exme_state.json"  # the run state inside each checkpoint folder
@@ -52,9 +53,9 @@ class SnapshotStore:
 
     def __init__(self, storage: str = "cpu", directory: str | os.PathLike | None = None):
         if storage not in STORAGES:
-            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}")
+            raise InputError(f"`storage` must be one of {STORAGES}, got {storage!r}")
         if storage == "disk" and directory is None:
-            raise ValueError("`storage='disk'` needs a `directory` to write snapshots to.")
+            raise InputError("`storage='disk'` needs a `directory` to write snapshots to.")
         self.storage = storage
         self.directory = None if directory is None else os.fspath(directory)
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
@@ -86,7 +87,7 @@ class SnapshotStore:
             return self._memory[key]
         if key in self._files:
             return SafetensorsMapping(self._files[key])
-        raise KeyError(f"No snapshot named {key!r}; kept: {self.keys()}")
+        raise MissingNameError(f"No snapshot named {key!r}; kept: {self.keys()}")
 
     def find(self, tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
         """The first of `keys` whose snapshot equals `tensors` bit for bit, or `None` (a mismatch stops at the first
@@ -117,7 +118,7 @@ class SnapshotStore:
         self._wait(key)
         if key in self._memory and key not in self._exported:
             if self.directory is None:
-                raise ValueError("Exporting a snapshot needs the store's `directory`.")
+                raise InputError("Exporting a snapshot needs the store's `directory`.")
             self._exported[key] = self._write(key, self._memory[key])
         index = self._exported[key] if key in self._memory else self._files[key]
         os.makedirs(directory, exist_ok=True)
@@ -136,12 +137,12 @@ class SnapshotStore:
             if name.startswith(f"{key}-") and name.endswith(".safetensors")
         )
         if not paths:
-            raise FileNotFoundError(f"No snapshot {key!r} in {directory}")
+            raise MissingFileError(f"No snapshot {key!r} in {directory}")
         self.delete(key)
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
             linked = [os.path.join(self.directory, os.path.basename(path)) for path in paths]
-            for source, destination in zip(paths, linked):
+            for source, destination in zip(paths, linked, strict=True):
                 _link_or_copy(source, destination)
             paths = linked
         index = {}
@@ -223,14 +224,14 @@ def load_state(store: SnapshotStore, checkpoint: str, shards: int = 1) -> dict:
     """
     path = os.path.join(checkpoint, STATE_DIR, STATE_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{checkpoint} has no ExMe state ({STATE_DIR}/{STATE_FILE}).")
+        raise MissingFileError(f"{checkpoint} has no ExMe state ({STATE_DIR}/{STATE_FILE}).")
     with open(path) as f:
         saved = json.load(f)
     saved_shards = saved.get("shards", 1)
     if saved_shards != shards:
         saved_as = f"sharded over {saved_shards} ranks" if saved_shards > 1 else "by an unsharded run"
         now = f"sharded over {shards} ranks" if shards > 1 else "unsharded"
-        raise ValueError(
+        raise InputError(
             f"The ExMe state of {checkpoint} was saved {saved_as} (each rank keeps its own shards), but this run is "
             f"{now}. Resume with the same number of processes and the same FSDP setting."
         )
@@ -242,37 +243,6 @@ def load_state(store: SnapshotStore, checkpoint: str, shards: int = 1) -> dict:
 def _shard_folder(folder: str, shards: int) -> str:
     """Where this rank's snapshots are in a checkpoint's state folder."""
     return folder if shards == 1 else os.path.join(folder, f"rank-{sharding.rank():05d}")
-
-
-def load_resume_state(
-    store: SnapshotStore,
-    output_dir: str,
-    step: int,
-    resume_from_checkpoint: str | None,
-    metric: str,
-    shards: int = 1,
-) -> dict:
-    """`load_state` of the checkpoint a `Trainer` run resumes from (`<output_dir>/checkpoint-<step>`, or the folder
-    given to `resume_from_checkpoint`), which must have ranked its checkpoints by `metric`; the errors say how to
-    fix a checkpoint saved without ExMe or with another metric."""
-    name = f"checkpoint-{step}"
-    places = [os.path.join(output_dir, name)]
-    if resume_from_checkpoint and os.path.basename(os.path.normpath(resume_from_checkpoint)) == name:
-        places.insert(0, resume_from_checkpoint)
-    folder = next((p for p in places if os.path.isdir(os.path.join(p, STATE_DIR))), None)
-    if folder is None:
-        raise FileNotFoundError(
-            f"Training resumes from step {step}, but {places[-1]} has no ExMe state ({STATE_DIR}/): the base model's "
-            "weights are not there. Resume from a checkpoint saved with ExMeCallback, or start the run from the "
-            "beginning."
-        )
-    info = load_state(store, folder, shards)
-    if info["metric"] != metric:
-        raise ValueError(
-            f"The checkpoint's ExMe state ranks checkpoints by {info['metric']!r}, but this run uses {metric!r}. "
-            "Resume with the same `metrics` / `metric_for_best_model`."
-        )
-    return info
 
 
 def _equal(snapshot: Mapping[str, torch.Tensor], name: str, tensor: torch.Tensor) -> bool:

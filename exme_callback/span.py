@@ -27,6 +27,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 
+from .errors import InputError, MissingNameError
 from .io import Flat, flat
 
 __all__ = [
@@ -167,7 +168,7 @@ def span_point(
         `ValueError`: a tensor's shape differs between the inputs, or the coefficients do not match the checkpoints.
     """
     if len(coefficients) != len(checkpoints) or not checkpoints:
-        raise ValueError(
+        raise InputError(
             f"`coefficients` must have one entry per checkpoint ({len(checkpoints)}), got {tuple(coefficients)}"
         )
     labels = ["sft1", "sft2"] if len(checkpoints) == 2 else [f"checkpoints[{i}]" for i in range(len(checkpoints))]
@@ -175,11 +176,11 @@ def span_point(
     workspaces: dict = {}  # slice-sized buffers shared by the tensors
     for name in base:
         b = flat(base, name)
-        tensors = [_flat(c, label, name) for c, label in zip(checkpoints, labels)]
+        tensors = [_flat(c, label, name) for c, label in zip(checkpoints, labels, strict=True)]
         target = None if out is None else lookup(out, "out", name)
-        for label, tensor in (*zip(labels, tensors), ("out", target)):
+        for label, tensor in (*zip(labels, tensors, strict=True), ("out", target)):
             if tensor is not None and tensor.shape != b.shape:
-                raise ValueError(
+                raise InputError(
                     f"Tensor `{name}` has shape {tuple(tensor.shape)} in `{label}` but {tuple(b.shape)} in `base`."
                 )
         if target is None:
@@ -275,5 +276,5 @@ def _flat(tensors: StateDict, label: str, name: str) -> Flat:
     return flat(tensors, name)
 
 
-def _missing(label: str, name: str) -> KeyError:
-    return KeyError(f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names.")
+def _missing(label: str, name: str) -> MissingNameError:
+    return MissingNameError(f"Tensor `{name}` is missing from `{label}`; the models must have the same tensor names.")

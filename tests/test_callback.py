@@ -4,6 +4,8 @@ import json
 import logging
 import math
 import os
+import pathlib
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +15,8 @@ from torch.testing import assert_close
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from exme_callback import ExMeCallback, exme_coefficients
-from exme_callback.search import DEFAULT_ALPHAS, DEFAULT_BETAS
 from exme_callback.snapshots import SnapshotStore, trainable_tensors
+from exme_callback.strategies import DEFAULT_ALPHAS, DEFAULT_BETAS
 
 TARGET = torch.tensor([2.5, 2.0], dtype=torch.float64)  # the (a, b) the recording evaluator rewards
 
@@ -90,7 +92,7 @@ def test_every_candidate_is_base_plus_plane_combination(tmp_path, regression):
     expo = [c for c in candidates if c.kind == "expo"]
     alpha1 = max(expo[:5], key=lambda c: c.score).alpha1
     alpha2 = max(expo[5:], key=lambda c: c.score).alpha2
-    for c, beta in zip(candidates[12:], DEFAULT_BETAS):
+    for c, beta in zip(candidates[12:], DEFAULT_BETAS, strict=True):
         assert (c.alpha1, c.alpha2, c.beta) == (alpha1, alpha2, beta)
         assert (c.c1, c.c2) == pytest.approx(exme_coefficients(alpha1, alpha2, beta))
 
@@ -510,7 +512,7 @@ def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
 
     kinds = [c.kind for c in report.candidates]
     assert kinds[21:] == ["weighted"] * 9 + ["ties"] * 3 + ["dare"] * 3
-    for candidate, seen in zip(report.candidates[21:], evaluator.seen[5 + 19 :]):
+    for candidate, seen in zip(report.candidates[21:], evaluator.seen[5 + 19 :], strict=True):
         if candidate.kind == "weighted":
             lam = candidate.hyper["lambda"]
             expected = lam * s1 + (1 - lam) * s2
@@ -539,7 +541,7 @@ def test_baselines_and_heldout_rows_have_closed_forms(tmp_path, regression):
     expected = base + c.c1 * d1 + c.c2 * d2
     assert c.heldout_score == pytest.approx(-float(((expected - heldout_target) ** 2).sum()), rel=1e-5)
     dare = rows["DARE"]
-    dare_seen = [w for cand, w in zip(report.candidates[21:], evaluator.seen[24:]) if cand is dare][0]
+    dare_seen = [w for cand, w in zip(report.candidates[21:], evaluator.seen[24:], strict=True) if cand is dare][0]
     assert dare.heldout_score == pytest.approx(-float(((dare_seen - heldout_target) ** 2).sum()), rel=1e-6)
     assert "held-out" in (tmp_path / "exme" / "exme_report.md").read_text()
 
@@ -606,7 +608,7 @@ def test_top_k_keeps_k_checkpoints_and_topk_greedy_merges_them(tmp_path, regress
     assert merges and all(len(c.coefficients) == 3 and len(c.parents) == 2 for c in merges)
     for merge in merges:  # each merge is the midpoint of its parents
         a, b = (report.candidates[i].coefficients for i in merge.parents)
-        assert merge.coefficients == pytest.approx(tuple((x + y) / 2 for x, y in zip(a, b)))
+        assert merge.coefficients == pytest.approx(tuple((x + y) / 2 for x, y in zip(a, b, strict=True)))
     assert report.final.score == max(c.score for c in report.candidates if c.valid)
     assert "Top-k greedy merging, by generation" in (tmp_path / "exme" / "exme_report.md").read_text()
 
@@ -637,3 +639,57 @@ def test_trained_weights_are_copied_only_when_no_kept_checkpoint_holds_them(
     assert ("trained" in saved) is copied
     assert (callback.report.final.c1, callback.report.final.c2) != (1.0, 0.0)
     assert torch.equal(weights(trainer.model), recorder.weights)
+
+
+# ---- a strategy of the user's own, as README shows it ------------------------------------------------------------
+
+
+def readme_strategy_example() -> str:
+    """The code of README's "Your own strategy" section, as written."""
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Your own strategy") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("\n```", start)]
+
+
+def test_readme_strategy_runs_as_written(tmp_path, regression):
+    """README's example, executed as written on a `Trainer`: its candidates are the points it proposed, scored by
+    the trainer's evaluation like the built-in ones, and the chosen one is saved."""
+    model, train_data, eval_data = regression
+    trainer = Trainer(model=model, args=regression_args(tmp_path), train_dataset=train_data, eval_dataset=eval_data)
+    exec(compile(readme_strategy_example(), "README.md", "exec"), {"trainer": trainer})  # adds the callback, trains
+    report = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ExMeCallback)).report
+
+    rng = random.Random(0)  # the example's defaults: n=8, width=0.5, seed=0
+    proposed = [tuple(float(i == 0) + rng.uniform(-0.5, 0.5) for i in range(2)) for _ in range(8)]
+    assert [c.kind for c in report.candidates] == ["sft", "sft"] + ["random_box"] * 8
+    assert [c.coefficients for c in report.candidates[2:]] == proposed
+    assert report.strategy == "random_box" and dict(report.rows())["random_box"].kind == "random_box"
+    final = report.final
+    assert final is min((c for c in report.candidates if c.valid), key=lambda c: c.score)  # eval_loss: lower
+    saved = RegressionModel.from_pretrained(tmp_path / "exme")
+    check = Trainer(model=saved, args=regression_args(tmp_path / "check"), eval_dataset=eval_data)
+    assert check.evaluate()["eval_loss"] == pytest.approx(final.score, rel=1e-5)
+
+
+def test_a_custom_strategy_is_scored_like_the_built_in_ones_and_its_choice_recomputes(tmp_path, regression):
+    namespace = {"trainer": None}
+    example = readme_strategy_example()
+    exec(compile(example[: example.index("trainer.add_callback")], "README.md", "exec"), namespace)
+    evaluator = RecordingEvaluator()
+    base = weights(regression[0])
+    strategy = namespace["RandomBox"](n=4, seed=3)
+    trainer, callback = train(tmp_path, regression, {"strategy": strategy, "metrics": {"closeness": "max"}}, evaluator)
+    report = callback.report
+    assert [c.kind for c in report.candidates] == ["sft", "sft"] + ["random_box"] * 4
+    assert len(evaluator.seen) == 1 + 4 + 4  # the base, the checkpoints, the strategy's candidates
+
+    checkpoints = {8 * (i + 1): w for i, w in enumerate(evaluator.seen[1:5])}
+    d1, d2 = (checkpoints[c.step] - base for c in report.checkpoints)
+    for candidate, seen in zip(report.candidates[2:], evaluator.seen[5:], strict=True):
+        assert_close(seen, base + candidate.c1 * d1 + candidate.c2 * d2, rtol=1e-5, atol=1e-6)
+        assert candidate.score == pytest.approx(-float(((seen - TARGET) ** 2).sum()), rel=1e-5, abs=1e-6)
+    assert report.final is max((c for c in report.candidates if c.valid), key=lambda c: c.score)
+    saved = RegressionModel.from_pretrained(tmp_path / "exme")
+    assert_close(weights(saved), base + report.final.c1 * d1 + report.final.c2 * d2, rtol=1e-6, atol=1e-6)
+    assert torch.equal(weights(trainer.model), evaluator.seen[4])  # trained weights back: the last checkpoint's

@@ -278,7 +278,19 @@ def test_exme_run_with_another_strategy(full_run, capsys, tmp_path):
     report = json.loads((tmp_path / "m3" / "exme_report.json").read_text())
     assert report["strategy"] == "mixup"
     assert [c["kind"] for c in report["candidates"]] == ["sft", "sft", "mixup", "mixup"]
-    from exme_callback.search import mixup_draws
+    from exme_callback.strategies import mixup_draws
 
     assert [c["hyper"]["lambda"] for c in report["candidates"][2:]] == list(mixup_draws(2.0, 2, seed=7))
     assert "| M^3 |" in capsys.readouterr().out
+
+
+def test_only_the_librarys_own_errors_exit_1_and_a_bug_raises(full_run, capsys, monkeypatch):
+    root, run_dir, data = full_run
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not the user's mistake")
+
+    monkeypatch.setattr("exme_callback.runs.rank_run", broken)
+    with pytest.raises(KeyError, match="a bug"):  # with its traceback, not "exme: error: ..." and exit 1
+        main(["run", str(run_dir), "--eval-data", str(data)])
+    assert capsys.readouterr().err == ""

@@ -116,7 +116,7 @@ def _token_loss(model, ids: list[int], scored_from: int = 1) -> tuple[float, int
 
 
 def _mean_loss(model, sequences: list[tuple[list[int], int]]) -> float:
-    sums, counts = zip(*(_token_loss(model, ids, scored_from) for ids, scored_from in sequences))
+    sums, counts = zip(*(_token_loss(model, ids, scored_from) for ids, scored_from in sequences), strict=True)
     return math.fsum(sums) / sum(counts)
 
 

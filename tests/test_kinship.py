@@ -26,7 +26,7 @@ def direct(u: torch.Tensor, v: torch.Tensor, metric: str) -> float:
 
 
 def flat(deltas: list[torch.Tensor], c) -> torch.Tensor:
-    return sum(ci * d for ci, d in zip(c, deltas))
+    return sum(ci * d for ci, d in zip(c, deltas, strict=True))
 
 
 def random_states(seed=0, k=3):

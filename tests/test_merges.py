@@ -67,13 +67,13 @@ def test_dare_with_weights_lambda_is_m3_with_dare(dtype):
     lam = 0.37
     with seeded(9):
         pruned = [merge_utils.random_pruning(t, 0.5, rescale=True) for t in d]
-    formula = sum(w * p for w, p in zip((lam, 1 - lam), pruned))
+    formula = sum(w * p for w, p in zip((lam, 1 - lam), pruned, strict=True))
     with seeded(9):
         merged = Merge("dare", (0, 1), (lam, 1 - lam), 0.5, seed=9)(d)
     if dtype == torch.float32:
         assert torch.equal(merged, formula)
     else:  # each weight rounded once to float32: half its epsilon, relative to each term
-        terms = sum(w * p.abs() for w, p in zip((lam, 1 - lam), pruned))
+        terms = sum(w * p.abs() for w, p in zip((lam, 1 - lam), pruned, strict=True))
         assert torch.all((merged - formula).abs() <= torch.finfo(torch.float32).eps / 2 * terms)
         assert not torch.equal(merged, formula)
 

@@ -5,15 +5,17 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import RegressionConfig, RegressionModel, dense_weights, load, logits, make_llama, perturbed
+from conftest import RegressionConfig, RegressionModel, load
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM
 
 from exme_callback import pipeline
-from exme_callback.planes import DensePlane, make_plane
+from exme_callback.candidates import Checkpoint
+from exme_callback.pipeline import Output
+from exme_callback.planes import DensePlane
 from exme_callback.scoring import Objective, Scorer
-from exme_callback.search import Candidate, Checkpoint, SearchSettings, exme_coefficients
+from exme_callback.settings import SearchSettings
 from exme_callback.snapshots import trainable_tensors
+from exme_callback.strategies import Strategy, exme_coefficients, mixup_draws
 
 TARGET = (2.5, 2.0)  # the (a, b) the closeness evaluator rewards
 
@@ -69,16 +71,9 @@ def regression_run(model, tmp_path, evaluator, keep_chosen=False, sources=None):
     checkpoints = [Checkpoint(10, closeness(*point(1, 0))), Checkpoint(20, closeness(*point(0, 1)))]
     assert checkpoints[0].score > checkpoints[1].score  # best first
     scorer = Scorer(evaluator, Objective({"closeness": True}))
+    output = Output(str(tmp_path / "exme"), sources=sources or {}, keep_chosen=keep_chosen, show_progress=False)
     report = pipeline.run(
-        model,
-        plane,
-        checkpoints,
-        scorer,
-        str(tmp_path / "exme"),
-        settings=SearchSettings(alphas=ALPHAS, betas=BETAS),
-        keep_chosen=keep_chosen,
-        sources=sources,
-        show_progress=False,
+        model, plane, checkpoints, scorer, output, settings=SearchSettings(alphas=ALPHAS, betas=BETAS)
     )
     return report
 
@@ -161,98 +156,6 @@ def test_failing_evaluator_reports_what_was_scored_and_restores_the_weights(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exme", "exme-failed"]
 
 
-# ---- LoRA baselines: TIES and DARE on each adapted module's dense delta ------------------------------------------
-
-
-def lora_model():
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(make_llama(bias=True), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-
-
-def plain_model(state_dict):
-    reference = make_llama(bias=True)
-    reference.load_state_dict(state_dict)
-    return reference.eval()
-
-
-def test_lora_ties_and_dare_baselines_against_a_dense_reference(tmp_path, tokenizer):
-    from peft.utils import merge_utils
-
-    model = lora_model()
-    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
-    assert base and all("lora_" in n for n in base)
-    sft1, sft2, trained = perturbed(base, 1), perturbed(base, 2), perturbed(base, 3)
-    load(model, trained)
-    before = logits(model, tokenizer)
-    w0, w1, w2 = (dense_weights(model, t) for t in (base, sft1, sft2))
-    assert not torch.equal(w1["model.layers.0.self_attn.q_proj.weight"], w0["model.layers.0.self_attn.q_proj.weight"])
-    ties = {}
-    for key in w0:
-        d1, d2 = w1[key] - w0[key], w2[key] - w0[key]
-        ties[key] = w0[key] + merge_utils.ties([d1, d2], torch.ones(2), 0.5) if d1.is_floating_point() else w0[key]
-    ties_reference = logits(plain_model(ties), tokenizer)
-    c1, c2 = 0.5, 0.7
-    span_reference = logits(
-        plain_model({k: w0[k] + c1 * (w1[k] - w0[k]) + c2 * (w2[k] - w0[k]) for k in w0}), tokenizer
-    )
-    assert not torch.allclose(ties_reference, span_reference, rtol=1e-3, atol=1e-3)  # the checks can tell them apart
-
-    plane = make_plane(model, base, [sft1, sft2], trained)
-    try:
-        ties_candidate = Candidate("ties", None, (10, 20), hyper={"density": 0.5})
-        pipeline.apply(plane, ties_candidate)
-        assert_close(logits(model, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
-        # Off the span is not low-rank: saved as the fused model, which computes what the live model does.
-        assert plane.save(str(tmp_path / "ties")) == {"model": str(tmp_path / "ties")}
-        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ties")
-        assert_close(logits(saved, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
-
-        # A point of the span next: the base layers are restored first.
-        pipeline.apply(plane, Candidate("exme", (c1, c2), (10, 20)))
-        assert_close(logits(model, tokenizer), span_reference, rtol=1e-4, atol=1e-4)
-
-        # DARE's random masks are seeded: the same candidate is the same model every time.
-        dare = Candidate("dare", None, (10, 20), hyper={"density": 0.5})
-        pipeline.apply(plane, dare)
-        first = logits(model, tokenizer)
-        pipeline.apply(plane, ties_candidate)
-        pipeline.apply(plane, dare)
-        assert torch.equal(logits(model, tokenizer), first)
-        assert not torch.allclose(first, ties_reference, rtol=1e-3, atol=1e-3)
-        assert not torch.allclose(first, before, rtol=1e-3, atol=1e-3)
-    finally:
-        plane.close()
-    assert torch.equal(logits(model, tokenizer), before)
-    for name, tensor in trainable_tensors(model).items():
-        assert torch.equal(tensor, trained[name]), name
-    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
-
-
-def test_dare_candidate_is_the_same_model_after_a_resume(tmp_path):
-    from exme_callback.snapshots import SnapshotStore, load_state, save_state
-
-    g = torch.Generator().manual_seed(0)
-    base = {"weight": torch.randn(64, generator=g), "bias": torch.randn(64, generator=g)}  # not in sorted order
-    sft1, sft2 = perturbed(base, 1, scale=1.0), perturbed(base, 2, scale=1.0)
-    store = SnapshotStore("cpu", tmp_path / "store")
-    for key, tensors in (("base", base), ("step-8", sft1), ("step-16", sft2)):
-        store.save(key, tensors)
-    save_state(store, str(tmp_path / "checkpoint-16"), {"metric": "eval_loss"}, ["base", "step-8", "step-16"])
-    resumed = SnapshotStore("cpu", tmp_path / "resumed")
-    load_state(resumed, str(tmp_path / "checkpoint-16"))
-
-    dare = Candidate("dare", None, (8, 16), hyper={"density": 0.5})
-    models = []
-    for kept in (store, resumed):
-        live = {name: torch.zeros(64) for name in base}
-        plane = DensePlane(live, kept.load("base"), [kept.load("step-8"), kept.load("step-16")], base)
-        pipeline.apply(plane, dare)
-        models.append(live)
-    for name in base:
-        assert torch.equal(models[0][name], models[1][name]), name
-
-
 # ---- the strategies through the pipeline -------------------------------------------------------------------------
 
 
@@ -278,17 +181,11 @@ def test_every_strategy_restores_the_weights_and_saves_what_it_reports(tmp_path,
         return {"closeness": closeness(*seen[-1])}
 
     settings = SearchSettings(alphas=ALPHAS, **options)
-    report = pipeline.run(
-        model,
-        plane,
-        checkpoints,
-        Scorer(evaluator, Objective({"closeness": True})),
-        str(tmp_path / "exme"),
-        settings=settings,
-        show_progress=False,
-    )
+    scorer = Scorer(evaluator, Objective({"closeness": True}))
+    output = Output(str(tmp_path / "exme"), show_progress=False)
+    report = pipeline.run(model, plane, checkpoints, scorer, output, settings=settings)
     assert closeness_weights(model) == (float(TRAINED["a"]), float(TRAINED["b"]))  # restored
-    for candidate, weights in zip([c for c in report.candidates if c.kind != "sft"], seen):
+    for candidate, weights in zip([c for c in report.candidates if c.kind != "sft"], seen, strict=True):
         assert candidate.score == pytest.approx(closeness(*weights))
         if candidate.on_span:  # the closed form of its coefficients
             assert weights == pytest.approx(point(*candidate.coefficients), abs=1e-6)
@@ -297,10 +194,10 @@ def test_every_strategy_restores_the_weights_and_saves_what_it_reports(tmp_path,
     assert kinds == expected
     if settings.strategy == "mixup":
         lambdas = [c.hyper["lambda"] for c in report.candidates if c.kind == "mixup"]
-        assert lambdas == list(pipeline.mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed))
+        assert lambdas == list(mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed))
     if settings.beta_search == "mixup":
         betas = [c.beta for c in report.candidates if c.kind == "exme"]
-        assert betas == list(pipeline.mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed))
+        assert betas == list(mixup_draws(settings.mixup_a, settings.mixup_draws, settings.seed))
     final = report.final
     assert final.score == max(c.score for c in report.candidates if c.valid)
     saved = closeness_weights(RegressionModel.from_pretrained(tmp_path / "exme"))
@@ -344,8 +241,8 @@ def per_item_run(tmp_path, evaluator, items=True, **settings):
     ]
     scorer = Scorer(evaluator, Objective({"closeness": True}))
     settings = SearchSettings(alphas=ALPHAS, betas=BETAS, **settings)
-    destination = str(tmp_path / "exme")
-    return pipeline.run(model, plane, checkpoints, scorer, destination, settings=settings, show_progress=False)
+    output = Output(str(tmp_path / "exme"), show_progress=False)
+    return pipeline.run(model, plane, checkpoints, scorer, output, settings=settings)
 
 
 def test_per_item_scores_give_every_gain_its_paired_interval(tmp_path):
@@ -414,15 +311,42 @@ def test_racing_chooses_the_grids_model_with_fewer_item_evaluations(tmp_path):
     assert "Racing: " in (tmp_path / "racing" / "exme" / "exme_report.md").read_text()
 
 
-def test_racing_needs_an_evaluator_that_scores_a_subset():
-    with pytest.raises(ValueError, match="`search='racing'`.*takes no `items` argument"):
-        pipeline.check_racing(CountingEvaluator(), SearchSettings(search="racing"))
-    pipeline.check_racing(ItemEvaluator(), SearchSettings(search="racing"))
+# ---- the pipeline's own entry: unscored checkpoints, the base, a strategy of the user's -------------------------
 
 
-def test_per_item_scores_of_other_items_are_refused():
-    a = Checkpoint(10, 0.5, items={"acc": [1.0, 0.0]})
-    b = Checkpoint(20, 0.5, items={"acc": [1.0, 0.0, 1.0]})
-    with pytest.raises(ValueError, match="per-item scores differ between evaluations.*same items, in the same order"):
-        pipeline.check_items([a, b], SearchSettings())
-    pipeline.check_items([a, a], SearchSettings())
+class Corners(Strategy):
+    """A strategy of a user's own: the corners of a box around the best checkpoint."""
+
+    name = "corners"
+
+    def evaluations(self, k):
+        return 4
+
+    def search(self, search):
+        for c1 in (0.8, 1.3):
+            for c2 in (-0.2, 0.4):
+                search.score(search.point(self.name, (c1, c2), {"c1": c1, "c2": c2}))
+
+
+def test_run_scores_the_checkpoints_and_the_base_then_runs_a_custom_strategy(tmp_path):
+    model = trained_model()
+    plane = DensePlane(trainable_tensors(model), BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    evaluator = CountingEvaluator()
+    scorer = Scorer(evaluator, Objective({"closeness": True}))
+    output = Output(str(tmp_path / "exme"), show_progress=False)
+    settings = SearchSettings(strategy=Corners())
+    report = pipeline.run(
+        model, plane, [Checkpoint(10), Checkpoint(20)], scorer, output, settings=settings, base="score"
+    )
+
+    assert evaluator.calls == 2 + 1 + 4  # the checkpoints and the base, scored here, then the strategy's four
+    assert [c.score for c in report.checkpoints] == pytest.approx([closeness(*point(1, 0)), closeness(*point(0, 1))])
+    assert report.base.score == pytest.approx(closeness(*point(0, 0)), rel=1e-6)
+    assert [c.coefficients for c in report.candidates[2:]] == [(0.8, -0.2), (0.8, 0.4), (1.3, -0.2), (1.3, 0.4)]
+    for candidate in report.candidates:
+        assert candidate.score == pytest.approx(closeness(*point(*candidate.coefficients)), rel=1e-5, abs=1e-6)
+    assert report.final is max(report.candidates, key=lambda c: c.score) and report.strategy == "corners"
+    assert dict(report.rows())["corners"] is report.final
+    saved = RegressionModel.from_pretrained(tmp_path / "exme")
+    assert closeness(*closeness_weights(saved)) == pytest.approx(report.final.score, abs=1e-6)
+    assert closeness_weights(model) == (float(TRAINED["a"]), float(TRAINED["b"]))  # the trained weights, back

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import load, make_llama, perturbed
+from conftest import dense_weights, load, logits, make_llama, perturbed
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
 
 from exme_callback.merges import Merge, merge_task_vectors
 from exme_callback.planes import DensePlane, Plane, make_plane
@@ -33,7 +34,7 @@ def test_make_plane_on_a_plain_model_writes_the_span_of_three_checkpoints():
         plane.apply(coefficients)
         for name, tensor in trainable_tensors(model).items():
             b = base[name].double()
-            expected = b + sum(c * (ck[name].double() - b) for c, ck in zip(coefficients, checkpoints))
+            expected = b + sum(c * (ck[name].double() - b) for c, ck in zip(coefficients, checkpoints, strict=True))
             assert_close(tensor, expected.float(), rtol=1e-6, atol=1e-6, msg=name)
 
     plane.close()
@@ -84,3 +85,97 @@ def test_dense_plane_without_save_model_cannot_save(tmp_path):
     plane = DensePlane({n: t.clone() for n, t in base.items()}, base, checkpoints, base)
     with pytest.raises(ValueError, match="built without `save_model`"):
         plane.save(str(tmp_path))
+
+
+# ---- LoRA merges off the span: TIES and DARE on each adapted module's dense delta -------------------------------
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(make_llama(bias=True), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def plain_model(state_dict):
+    reference = make_llama(bias=True)
+    reference.load_state_dict(state_dict)
+    return reference.eval()
+
+
+def test_lora_ties_and_dare_baselines_against_a_dense_reference(tmp_path, tokenizer):
+    from peft.utils import merge_utils
+
+    model = lora_model()
+    base = {n: t.clone() for n, t in trainable_tensors(model).items()}
+    assert base and all("lora_" in n for n in base)
+    sft1, sft2, trained = perturbed(base, 1), perturbed(base, 2), perturbed(base, 3)
+    load(model, trained)
+    before = logits(model, tokenizer)
+    w0, w1, w2 = (dense_weights(model, t) for t in (base, sft1, sft2))
+    assert not torch.equal(w1["model.layers.0.self_attn.q_proj.weight"], w0["model.layers.0.self_attn.q_proj.weight"])
+    ties_weights = {}
+    for key in w0:
+        d1, d2 = w1[key] - w0[key], w2[key] - w0[key]
+        ties_weights[key] = (
+            w0[key] + merge_utils.ties([d1, d2], torch.ones(2), 0.5) if d1.is_floating_point() else w0[key]
+        )
+    ties_reference = logits(plain_model(ties_weights), tokenizer)
+    c1, c2 = 0.5, 0.7
+    span_reference = logits(
+        plain_model({k: w0[k] + c1 * (w1[k] - w0[k]) + c2 * (w2[k] - w0[k]) for k in w0}), tokenizer
+    )
+    assert not torch.allclose(ties_reference, span_reference, rtol=1e-3, atol=1e-3)  # the checks can tell them apart
+
+    plane = make_plane(model, base, [sft1, sft2], trained)
+    try:
+        ties = Merge("ties", (0, 1), (1.0, 1.0), 0.5)
+        plane.apply(ties)
+        assert_close(logits(model, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
+        # Off the span is not low-rank: saved as the fused model, which computes what the live model does.
+        assert plane.save(str(tmp_path / "ties")) == {"model": str(tmp_path / "ties")}
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ties")
+        assert_close(logits(saved, tokenizer), ties_reference, rtol=1e-4, atol=1e-4)
+
+        # A point of the span next: the base layers are restored first.
+        plane.apply((c1, c2))
+        assert_close(logits(model, tokenizer), span_reference, rtol=1e-4, atol=1e-4)
+
+        # DARE's random masks are seeded: the same candidate is the same model every time.
+        dare = Merge("dare", (0, 1), (0.5, 0.5), 0.5)
+        plane.apply(dare)
+        first = logits(model, tokenizer)
+        plane.apply(ties)
+        plane.apply(dare)
+        assert torch.equal(logits(model, tokenizer), first)
+        assert not torch.allclose(first, ties_reference, rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(first, before, rtol=1e-3, atol=1e-3)
+    finally:
+        plane.close()
+    assert torch.equal(logits(model, tokenizer), before)
+    for name, tensor in trainable_tensors(model).items():
+        assert torch.equal(tensor, trained[name]), name
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+
+
+def test_dare_candidate_is_the_same_model_after_a_resume(tmp_path):
+    from exme_callback.snapshots import SnapshotStore, load_state, save_state
+
+    g = torch.Generator().manual_seed(0)
+    base = {"weight": torch.randn(64, generator=g), "bias": torch.randn(64, generator=g)}  # not in sorted order
+    sft1, sft2 = perturbed(base, 1, scale=1.0), perturbed(base, 2, scale=1.0)
+    store = SnapshotStore("cpu", tmp_path / "store")
+    for key, tensors in (("base", base), ("step-8", sft1), ("step-16", sft2)):
+        store.save(key, tensors)
+    save_state(store, str(tmp_path / "checkpoint-16"), {"metric": "eval_loss"}, ["base", "step-8", "step-16"])
+    resumed = SnapshotStore("cpu", tmp_path / "resumed")
+    load_state(resumed, str(tmp_path / "checkpoint-16"))
+
+    dare = Merge("dare", (0, 1), (0.5, 0.5), 0.5)
+    models = []
+    for kept in (store, resumed):
+        live = {name: torch.zeros(64) for name in base}
+        plane = DensePlane(live, kept.load("base"), [kept.load("step-8"), kept.load("step-16")], base)
+        plane.apply(dare)
+        models.append(live)
+    for name in base:
+        assert torch.equal(models[0][name], models[1][name]), name

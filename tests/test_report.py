@@ -3,8 +3,9 @@ import math
 
 import pytest
 
+from exme_callback.candidates import Candidate, Checkpoint
 from exme_callback.report import Report
-from exme_callback.search import Candidate, Checkpoint
+from exme_callback.strategies import Baselines, ExMe
 
 
 def make_report(heldout=True):
@@ -31,6 +32,8 @@ def make_report(heldout=True):
         c("weighted", 0.7, 0.3, 0.52, 0.69, step1=40, step2=30, hyper={"lambda": 0.7}),
         c("ties", None, None, 0.58, 0.6, step1=40, step2=30, hyper={"density": 0.5}),
     ]
+    table = [("SFT-1", candidates[0]), ("SFT-2", candidates[1])]  # then each strategy's own rows
+    table += Baselines().rows(candidates, False) + ExMe().rows(candidates, False)
     return Report(
         metric="eval_loss",
         greater_is_better=False,
@@ -44,6 +47,7 @@ def make_report(heldout=True):
         columns=["eval_loss", "acc"],
         heldout_metric="acc" if heldout else None,
         heldout_columns=["acc"] if heldout else [],
+        table=table,
     )
 
 
@@ -51,7 +55,7 @@ def table(path):
     """The markdown table as {row label: {column: cell}}."""
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return {row[0]: dict(zip(cells[0], row)) for row in cells[1:]}
+    return {row[0]: dict(zip(cells[0], row, strict=True)) for row in cells[1:]}
 
 
 def test_rows_follow_the_paper_table():

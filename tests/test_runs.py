@@ -10,8 +10,8 @@ from conftest import make_llama, make_tokenizer
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from exme_callback.candidates import Checkpoint
 from exme_callback.runs import base_of, checkpoint_kind, load_plane, rank_run, resolve_metric
-from exme_callback.search import Checkpoint
 from exme_callback.snapshots import trainable_tensors
 from exme_callback.span import span_point
 
@@ -250,7 +250,7 @@ def test_load_plane_on_full_checkpoints_one_sharded(tmp_path):
     for name, tensor in live.items():
         assert torch.equal(tensor, expected[name]), name
         reference = base[name].double() + sum(
-            c * (s[name].double() - base[name].double()) for c, s in zip(coefficients, (sft1, sft2))
+            c * (s[name].double() - base[name].double()) for c, s in zip(coefficients, (sft1, sft2), strict=True)
         )
         assert_close(tensor, reference.float(), rtol=1e-6, atol=1e-6, msg=name)
     run.plane.close()  # the live model is the base again, bit for bit

@@ -141,21 +141,6 @@ def test_state_file_is_written_last(tmp_path, monkeypatch):
         load_state(SnapshotStore("cpu"), str(crashed))
 
 
-def test_load_resume_state_refuses_a_different_metric(tmp_path):
-    from exme_callback.snapshots import load_resume_state, save_state
-
-    store = SnapshotStore("cpu", tmp_path / "store")
-    store.save("base", tensors())
-    (tmp_path / "run" / "checkpoint-8").mkdir(parents=True)
-    save_state(store, str(tmp_path / "run" / "checkpoint-8"), {"metric": "eval_loss"}, ["base"])
-    info = load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 8, None, "eval_loss")
-    assert info == {"metric": "eval_loss"}
-    with pytest.raises(ValueError, match="ranks checkpoints by 'eval_loss', but this run uses 'eval_accuracy'"):
-        load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 8, None, "eval_accuracy")
-    with pytest.raises(FileNotFoundError, match="checkpoint-16 has no ExMe state"):
-        load_resume_state(SnapshotStore("cpu"), str(tmp_path / "run"), 16, None, "eval_loss")
-
-
 @pytest.mark.parametrize("storage", ["cpu", "disk"])
 def test_find_names_the_snapshot_equal_to_the_tensors(tmp_path, storage):
     store = SnapshotStore(storage, tmp_path / "snapshots")

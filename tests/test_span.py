@@ -71,7 +71,7 @@ def test_inputs_are_not_modified():
     base, sft1, sft2 = states()
     copies = [{k: v.clone() for k, v in s.items()} for s in (base, sft1, sft2)]
     combine(base, sft1, sft2, 0.7, 0.6)
-    for original, copy in zip((base, sft1, sft2), copies):
+    for original, copy in zip((base, sft1, sft2), copies, strict=True):
         for name in original:
             assert torch.equal(original[name], copy[name])
 

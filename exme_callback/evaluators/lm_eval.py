@@ -11,6 +11,7 @@ from numbers import Real
 
 import torch
 
+from ..errors import InputError, MissingExtraError
 from ..scoring import Evaluator, preserved_rng
 
 __all__ = ["LMEvalEvaluator"]
@@ -69,24 +70,24 @@ class LMEvalEvaluator(Evaluator):
         try:
             from lm_eval.tasks import TaskManager
         except ImportError as error:
-            raise ImportError(
+            raise MissingExtraError(
                 "LMEvalEvaluator needs lm-evaluation-harness: `pip install 'exme-callback[lm-eval]'`."
             ) from error
         if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) for t in tasks):
-            raise ValueError(f"`tasks` must be a non-empty list of lm-eval task names, got {tasks!r}")
+            raise InputError(f"`tasks` must be a non-empty list of lm-eval task names, got {tasks!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+            raise InputError(f"`batch_size` must be a positive integer, got {batch_size!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, Real) or limit <= 0):
-            raise ValueError(f"`limit` must be a positive number, got {limit!r}")
+            raise InputError(f"`limit` must be a positive number, got {limit!r}")
         if include_path is not None and not os.path.isdir(include_path):
-            raise ValueError(f"`include_path` must be a folder of task YAML files, got {include_path!r}")
+            raise InputError(f"`include_path` must be a folder of task YAML files, got {include_path!r}")
         self.tokenizer = tokenizer
         self.limit, self.batch_size, self.seed = limit, batch_size, seed
         self.apply_chat_template = apply_chat_template
         self._tasks = TaskManager(include_path=include_path).load(list(tasks))
         missing = [t for t in tasks if t not in self._tasks["tasks"] and t not in self._tasks["groups"]]
         if missing or not self._tasks["tasks"]:
-            raise ValueError(
+            raise InputError(
                 f"`tasks`: lm-eval does not know {missing or list(tasks)}; check the names or `include_path`."
             )
         self.directions: dict[str, bool] = {}
@@ -111,7 +112,7 @@ class LMEvalEvaluator(Evaluator):
         from lm_eval.evaluator import evaluate
 
         if self.tokenizer is None:
-            raise ValueError("`LMEvalEvaluator` needs the model's `tokenizer`.")
+            raise InputError("`LMEvalEvaluator` needs the model's `tokenizer`.")
         was_training = model.training
         if self._lm is None or self._lm.model is not model:
             with _without_live_model_warnings():

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, MissingFileError
 from ..scoring import Evaluator
 
 __all__ = ["LossEvaluator"]
@@ -76,11 +77,11 @@ class LossEvaluator(Evaluator):
         max_length: int = 1024,
     ):
         if tokenizer is None:
-            raise ValueError("`tokenizer` is required: `LossEvaluator` tokenizes its records at construction.")
+            raise InputError("`tokenizer` is required: `LossEvaluator` tokenizes its records at construction.")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+            raise InputError(f"`batch_size` must be a positive integer, got {batch_size!r}")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-            raise ValueError(f"`max_length` must be an integer >= 2, got {max_length!r}")
+            raise InputError(f"`max_length` must be an integer >= 2, got {max_length!r}")
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
 
         # 1. Read the records, each with where it came from, and check that they share one format.
@@ -91,14 +92,14 @@ class LossEvaluator(Evaluator):
             source = "`records_or_path`"
             rows = [(f"`records_or_path`[{i}]", record) for i, record in enumerate(records_or_path)]
         else:
-            raise ValueError(
+            raise InputError(
                 f"`records_or_path` must be a file path or a non-empty list of records, got {records_or_path!r}"
             )
         formats = [(where, _record_format(record, where)) for where, record in rows]
         first_where, self.format = formats[0]
         for where, kind in formats:
             if kind != self.format:
-                raise ValueError(
+                raise InputError(
                     f"{where}: a {kind!r} record, but {first_where} is a {self.format!r} record; the records of "
                     f"{source} must all have one format."
                 )
@@ -108,7 +109,7 @@ class LossEvaluator(Evaluator):
         self.num_records = len(examples)
         self.num_tokens = sum(max(len(ids) - max(masked, 1), 0) for ids, masked in examples)
         if self.num_tokens == 0:
-            raise ValueError(f"{source} has no token to score: every record is shorter than two tokens.")
+            raise InputError(f"{source} has no token to score: every record is shorter than two tokens.")
 
         # 3. Batch by decreasing length (least padding; the largest batch runs first), padded on the right.
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -132,15 +133,15 @@ class LossEvaluator(Evaluator):
         if self.format == "messages":
             messages = record["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-                raise ValueError(f"{where}: `messages` must be a list of {{'role', 'content'}} objects.")
+                raise InputError(f"{where}: `messages` must be a list of {{'role', 'content'}} objects.")
             if getattr(tokenizer, "chat_template", None) is None:
-                raise ValueError(f"{where}: `messages` records need a chat template, and `tokenizer` has none.")
+                raise InputError(f"{where}: `messages` records need a chat template, and `tokenizer` has none.")
             text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])[: self.max_length], 0
         fields = _LOSS_FORMATS[self.format]
         for field in fields:
             if not isinstance(record[field], str):
-                raise ValueError(f"{where}: `{field}` must be a string, got a {type(record[field]).__name__}.")
+                raise InputError(f"{where}: `{field}` must be a string, got a {type(record[field]).__name__}.")
         ids = list(tokenizer("".join(record[field] for field in fields))["input_ids"])
         eos = tokenizer.eos_token_id
         if eos is not None and (not ids or ids[-1] != eos):
@@ -177,7 +178,7 @@ class LossEvaluator(Evaluator):
 def _read_jsonl(path: str) -> list[tuple[str, Any]]:
     """The records of a JSON Lines file, each with `"{path}, line {n}"`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"`records_or_path`: there is no file {path!r}")
+        raise MissingFileError(f"`records_or_path`: there is no file {path!r}")
     rows = []
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
@@ -187,9 +188,9 @@ def _read_jsonl(path: str) -> list[tuple[str, Any]]:
             try:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where} is not valid JSON: {error}") from None
+                raise InputError(f"{where} is not valid JSON: {error}") from None
     if not rows:
-        raise ValueError(f"`records_or_path`: {path} is empty; it needs one JSON record per line.")
+        raise InputError(f"`records_or_path`: {path} is empty; it needs one JSON record per line.")
     return rows
 
 
@@ -202,7 +203,7 @@ def _record_format(record: Any, where: str) -> str:
     ]
     if len(found) != 1:
         got = f"the fields {sorted(map(str, record))}" if isinstance(record, Mapping) else type(record).__name__
-        raise ValueError(
+        raise InputError(
             f"{where}: a record needs exactly one of a `text` field, `prompt` and `completion` fields, or a "
             f"`messages` field; got {got}."
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..scoring import Evaluator, muted
 
 __all__ = ["TrainerEvaluator"]
@@ -34,6 +35,6 @@ class TrainerEvaluator(Evaluator):
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if model is not self.trainer.model:
-            raise ValueError("`TrainerEvaluator` can only evaluate its trainer's own model (`trainer.model`).")
+            raise InputError("`TrainerEvaluator` can only evaluate its trainer's own model (`trainer.model`).")
         with muted(self.trainer):
             return dict(self.trainer.evaluate(eval_dataset=self.eval_dataset))

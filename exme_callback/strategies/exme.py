@@ -1,0 +1,84 @@
+"""ExMe (Lin et al. 2025): extrapolate each of the two best checkpoints away from the base (EXPO), then merge.
+
+1. SFT-1 and SFT-2: the two best checkpoints of training, `c = (1, 0)` and `(0, 1)`.
+2. EXPO-i: `SFT_i + alpha * (SFT_i - base)`, `c_i = 1 + alpha`, for every `alpha` of the grid, for each checkpoint
+   separately; the best alpha of each is kept.
+3. ExMe: `beta * EXPO_1 + (1 - beta) * EXPO_2`, `c = (beta (1 + alpha1), (1 - beta)(1 + alpha2))`, for every `beta`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..candidates import Candidate, best
+from .base import Search, Strategy
+
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_BETAS", "ExMe", "exme_coefficients"]
+
+DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def exme_coefficients(alpha1: float, alpha2: float, beta: float) -> tuple[float, float]:
+    """`(c1, c2)` of `beta * EXPO_1(alpha1) + (1 - beta) * EXPO_2(alpha2)`."""
+    return beta * (1.0 + alpha1), (1.0 - beta) * (1.0 + alpha2)
+
+
+class ExMe(Strategy):
+    """The ExMe paper's search, on the two best kept checkpoints (EXPO of the best alone with one checkpoint).
+
+    Each stage (the alphas of EXPO-1, the alphas of EXPO-2, the betas) is scored with `Search.score_stage`, so it is
+    raced with `search="racing"`; the alphas as a line, in increasing order.
+
+    Args:
+        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.5)`): the extrapolation grid, searched for
+            each checkpoint separately.
+        betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`): the merge grid between the two best
+            EXPO models.
+    """
+
+    name, label = "exme", "ExMe"
+    description = (
+        "each extrapolated away from the base model ([EXPO](https://arxiv.org/abs/2404.16792)) and the two merged "
+        "(Extrapolation Merging, [ExMe](https://arxiv.org/abs/2503.04834))"
+    )
+
+    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, betas: Sequence[float] = DEFAULT_BETAS):
+        self.alphas, self.betas = tuple(alphas), tuple(betas)
+
+    @classmethod
+    def from_settings(cls, settings) -> ExMe:
+        return cls(settings.alphas, settings.merge_weights())
+
+    def evaluations(self, k: int) -> int:
+        return min(k, 2) * len(self.alphas) + (len(self.betas) if k >= 2 else 0)
+
+    def search(self, search: Search) -> None:
+        # 1. EXPO: each checkpoint's best alpha (0, the checkpoint itself, when no alpha scores a finite number).
+        best_alphas = []
+        for i in range(min(search.k, 2)):
+            name = f"alpha{i + 1}"
+            line = [
+                search.point("expo", [(1.0 + alpha) * (i == j) for j in range(search.k)], {name: alpha})
+                for alpha in sorted(self.alphas)
+            ]
+            winner = search.best(search.score_stage(line, line=True))
+            best_alphas.append(0.0 if winner is None else winner.hyper[name])
+        if search.k < 2:
+            return
+        # 2. ExMe: merges of the two EXPO models, with their best alphas.
+        alpha1, alpha2 = best_alphas
+        merges = []
+        for beta in self.betas:
+            c = [*exme_coefficients(alpha1, alpha2, beta), *[0.0] * (search.k - 2)]
+            merges.append(search.point("exme", c, {"alpha1": alpha1, "alpha2": alpha2, "beta": beta}, uses=(0, 1)))
+        search.score_stage(merges)
+
+    def rows(self, candidates: Sequence[Candidate], greater_is_better: bool) -> list[tuple[str, Candidate]]:
+        """EXPO-1 and EXPO-2 (the best alpha of each), then the best ExMe merge."""
+        rows = []
+        for i in range(2):
+            expo = [c for c in candidates if c.kind == "expo" and f"alpha{i + 1}" in c.hyper]
+            rows.append((f"EXPO-{i + 1}", best(expo, greater_is_better)))
+        rows.append((self.label, best(candidates, greater_is_better, kinds=("exme",))))
+        return [(label, c) for label, c in rows if c is not None]

@@ -1,0 +1,113 @@
+"""Racing (`search="racing"`): a stage's candidates scored on growing subsets of the items, the clearly worse
+stopped early. A way a strategy's stage is scored (`Search.score_stage`), not a strategy of its own."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..candidates import Candidate, best
+from ..intervals import gain_interval
+
+__all__ = ["RACING_ROUNDS", "Racing", "item_group"]
+
+RACING_ROUNDS = (0.125, 0.25, 0.5, 1.0)  # the share of each group's items every candidate still racing is scored on
+
+
+def _hyper_text(candidate: Candidate) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in candidate.hyper.items())
+
+
+def item_group(metric: str) -> str:
+    """The items a metric is measured on: its task (the name's prefix before `/`, as `LMEvalEvaluator` names
+    metrics), or the metric itself."""
+    return metric.split("/", 1)[0] if "/" in metric else metric
+
+
+@dataclass
+class Racing:
+    """Racing (`search="racing"`): the candidates of a stage are scored on growing subsets of the items, and those
+    whose gain over the leader has a confidence interval below zero stop early; the rest are scored on every item.
+
+    Each group of items (a task) is drawn in one seeded order; round `r` scores every candidate still racing on the
+    first `RACING_ROUNDS[r]` of each group's items in that order (only the items it was not scored on yet), so all
+    candidates compared are scored on the same items, and a candidate is never dropped on items the leader was not
+    scored on. The last round is all items: the survivors' scores are the grid's, and the stage's winner is the
+    grid's unless the grid's winner was stopped while inside the noise of a smaller subset.
+
+    Args:
+        evaluate (`Callable[[Candidate, dict[str, list[int]]], dict[str, list[float]]]`): scores `candidate` on the
+            items given (group -> item indices, ascending) and returns each metric's per-item scores, in that order.
+        sizes (`dict[str, int]`): each group's number of items.
+        objective (`Callable[[Mapping[str, float]], float]`): the score of per-metric means.
+        weights (`Mapping[str, float]`): each metric's weight in a gain (`Objective.gain_weights`).
+        greater_is_better (`bool`): the direction of the score.
+        level (`float`, *optional*, defaults to 0.95): the confidence level that stops a candidate.
+        seed (`int`, *optional*, defaults to 0): the order the items are drawn in.
+    """
+
+    evaluate: Callable[[Candidate, dict[str, list[int]]], dict[str, list[float]]]
+    sizes: dict[str, int]
+    objective: Callable[[dict[str, float]], float]
+    weights: dict[str, float]
+    greater_is_better: bool
+    level: float = 0.95
+    seed: int = 0
+    item_evaluations: int = 0  # items scored so far, over every candidate
+
+    def __call__(self, group: list[Candidate], line: bool = False) -> None:
+        """Race `group`, scoring its candidates in place. With `line=True` the candidates lie along a line whose
+        score rises then falls (EXPO's alphas, in increasing order): the first round brackets the peak, scoring
+        them in order until one is clearly below the best so far and stopping the rest there unscored."""
+        generator = torch.Generator().manual_seed(self.seed)
+        order = {g: torch.randperm(n, generator=generator).tolist() for g, n in sorted(self.sizes.items())}
+        scored = {g: [] for g in order}  # the items scored so far, in the order they were scored
+        racing = list(group)
+        for share in RACING_ROUNDS:
+            request = {g: sorted(order[g][len(scored[g]) : math.ceil(share * len(order[g]))]) for g in order}
+            for position, candidate in enumerate(racing):
+                self._score(candidate, request)
+                leader = best(racing[: position + 1], self.greater_is_better)
+                if line and share == RACING_ROUNDS[0] and candidate is not leader:
+                    seen = {g: scored[g] + request[g] for g in order}
+                    if self._clearly_below(candidate, leader, seen, stop=False):
+                        for later in racing[position + 1 :]:
+                            later.error = f"not scored: bracketing stopped the line at {_hyper_text(candidate)}"
+                        racing = racing[: position + 1]
+                        break
+            for g, items in request.items():
+                scored[g] += items
+            leader = best(racing, self.greater_is_better)
+            if share < 1.0 and leader is not None:
+                racing = [c for c in racing if c is leader or not self._clearly_below(c, leader, scored)]
+        for candidate in racing:  # every item: back in the items' own order, paired with other evaluations
+            for metric, items in candidate.items.items():
+                position = scored[item_group(metric)]
+                candidate.items[metric] = [v for _, v in sorted(zip(position, items, strict=True))]
+
+    def _score(self, candidate: Candidate, request: dict[str, list[int]]) -> None:
+        """Score `candidate` on the items of `request` too; its score is over every item it was scored on."""
+        values = self.evaluate(candidate, request)
+        self.item_evaluations += sum(map(len, request.values()))
+        for metric, items in values.items():
+            candidate.items.setdefault(metric, []).extend(items)
+        candidate.metrics = {m: math.fsum(v) / len(v) for m, v in candidate.items.items()}
+        candidate.score = self.objective(candidate.metrics)
+        if not math.isfinite(candidate.score):
+            candidate.error = f"non-finite score {candidate.score}"
+
+    def _clearly_below(self, candidate, leader, scored: dict[str, list[int]], stop: bool = True) -> bool:
+        """Whether `candidate`'s gain over `leader`, on the items both were scored on, has its interval below zero
+        (or it has no finite score); with `stop`, mark it stopped."""
+        if candidate.valid:
+            high = gain_interval(candidate.items, leader.items, self.weights, self.level, seed=self.seed)[1]
+            if high >= 0:
+                return False
+        if stop:
+            n = sum(map(len, scored.values()))
+            candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
+            candidate.items = {}  # a subset's scores: not comparable with other evaluations
+        return True

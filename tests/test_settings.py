@@ -1,0 +1,47 @@
+import math
+
+import pytest
+
+from exme_callback.settings import SearchSettings, validate_grid
+
+
+def test_validate_grid():
+    assert validate_grid("alphas", [0, 0.5], low=0.0) == (0.0, 0.5)
+    for bad in ([], [math.inf], [True], ["0.1"], [0.2, 0.2]):
+        with pytest.raises(ValueError, match="`alphas`"):
+            validate_grid("alphas", bad, low=0.0)
+    with pytest.raises(TypeError, match="`betas` must be a sequence"):
+        validate_grid("betas", 0.5, low=0.0, high=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"top_k": 1}, "`top_k` must be an integer >= 2"),
+        ({"kinship_threshold": 1.5}, r"`kinship_threshold` must be in \[-1.0, 1.0\]"),
+        ({"kinship_metric": "euclidean", "kinship_threshold": -1.0}, r"must be in \[0.0, inf\]"),
+        ({"mixup_a": 0.0}, "`mixup_a`"),
+        ({"mixup_draws": 0}, "`mixup_draws` must be an integer >= 1"),
+        ({"dare": 0.0}, r"`dare` \(the density kept\) must be in \(0, 1\]"),
+        ({"dare": 1.5}, "`dare`"),
+        ({"strategy": "evolve"}, "`strategy` must be one of"),
+        ({"partner": "random"}, "`partner` must be one of"),
+        ({"budget": 0}, "`budget` must be an integer >= 1"),
+        ({"partner": "kinship"}, "set `top_k` >= 3"),
+        ({"confidence": 1.0}, r"`confidence` must be a number in \(0, 1\)"),
+        ({"confidence": "95%"}, "`confidence`"),
+        ({"min_gain": -0.01}, "`min_gain` must be a number >= 0"),
+        ({"min_gain": "noise"}, "or 'significant'"),
+        ({"min_gain": float("inf")}, "`min_gain`"),
+    ],
+)
+def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SearchSettings(**kwargs)
+
+
+def test_racing_needs_the_exme_strategy():
+    with pytest.raises(ValueError, match="`search='racing'` races the ExMe strategy's stages"):
+        SearchSettings(strategy="mixup", search="racing")
+    with pytest.raises(ValueError, match="`search` must be one of"):
+        SearchSettings(search="bandit")

@@ -1,0 +1,235 @@
+import json
+import math
+
+import pytest
+import torch
+
+from exme_callback.candidates import Candidate, Checkpoint, best
+from exme_callback.strategies import (
+    Baselines,
+    ExMe,
+    Mixup,
+    Racing,
+    TopkGreedy,
+    exme_coefficients,
+    mixup_draws,
+    run_strategy,
+)
+
+
+def sweep(score, kept, alphas, betas, greater_is_better=False):
+    """The ExMe strategy run with `score` standing for the live model's evaluation."""
+    return run_strategy(ExMe(alphas, betas), kept, score, greater_is_better)
+
+
+def topk_greedy(score, kept, kinship, k=2, budget=None, greater_is_better=False, distance=False):
+    metric = "euclidean" if distance else "pearson"
+    strategy = TopkGreedy(k, budget, metric)
+    return run_strategy(strategy, kept, score, greater_is_better, kinship=lambda a, b, _: kinship(a, b))
+
+
+def quadratic(target=(1.7, 0.4)):
+    """A score with a known maximum on the plane: -(c1 - t1)^2 - (c2 - t2)^2."""
+
+    def score(candidate: Candidate) -> Candidate:
+        candidate.score = -((candidate.c1 - target[0]) ** 2) - (candidate.c2 - target[1]) ** 2
+        return candidate
+
+    return score
+
+
+def checkpoints():
+    return [Checkpoint(40, -0.5, {"m": 1.0}), Checkpoint(30, -0.6)]
+
+
+def test_sweep_order_coefficients_and_best_alphas():
+    results = sweep(quadratic(), checkpoints(), alphas=(0.1, 0.3, 0.5), betas=(0.25, 0.75), greater_is_better=True)
+    assert [c.kind for c in results] == ["sft", "sft"] + ["expo"] * 6 + ["exme"] * 2
+    sft1, sft2 = results[:2]
+    assert (sft1.c1, sft1.c2, sft1.step1, sft1.score, sft1.metrics) == (1.0, 0.0, 40, -0.5, {"m": 1.0})
+    assert (sft2.c1, sft2.c2, sft2.step2, sft2.score) == (0.0, 1.0, 30, -0.6)
+    assert [(c.c1, c.c2) for c in results[2:5]] == [(1.1, 0.0), (1.3, 0.0), (1.5, 0.0)]
+    assert [(c.c1, c.c2) for c in results[5:8]] == [(0.0, 1.1), (0.0, 1.3), (0.0, 1.5)]
+    # Each EXPO's best alpha on its own axis: c1 = 1.5 is nearest 1.7, c2 = 1.1 nearest 0.4.
+    merges = results[8:]
+    assert all((m.alpha1, m.alpha2, m.step1, m.step2) == (0.5, 0.1, 40, 30) for m in merges)
+    assert [m.beta for m in merges] == [0.25, 0.75]
+    assert (merges[0].c1, merges[0].c2) == pytest.approx((0.25 * 1.5, 0.75 * 1.1))
+
+
+def test_sweep_with_one_checkpoint_is_expo_only():
+    calls = []
+
+    def score(candidate):
+        calls.append((candidate.c1, candidate.c2))
+        return quadratic()(candidate)
+
+    results = sweep(score, checkpoints()[:1], alphas=(0.2,), betas=(0.5,))
+    assert calls == [(1.2, 0.0)]  # the checkpoint keeps its training score
+    assert [c.kind for c in results] == ["sft", "expo"] and results[0].score == -0.5
+    assert ExMe((0.2,), (0.5,)).evaluations(1) == len(calls)
+    assert ExMe((0.1, 0.2), (0.5, 0.6, 0.7)).evaluations(2) == 7
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_baselines_on_their_grids_and_counted(n):
+    baselines = Baselines(lambdas=(0.25, 0.75), densities=(0.5,))
+    results = run_strategy(baselines, checkpoints()[:n], lambda c: c)[n:]
+    assert len(results) == baselines.evaluations(n) == (0 if n == 1 else 4)
+    if n == 2:
+        assert [(c.kind, c.c1, c.c2) for c in results[:2]] == [("weighted", 0.25, 0.75), ("weighted", 0.75, 0.25)]
+        assert [(c.kind, c.hyper) for c in results[2:]] == [("ties", {"density": 0.5}), ("dare", {"density": 0.5})]
+
+
+def test_non_finite_alpha_scores_fall_back_to_the_checkpoint():
+    def score(candidate):
+        candidate.score = math.nan if candidate.kind == "expo" and candidate.c1 > 0 else -candidate.c2
+        if not math.isfinite(candidate.score):
+            candidate.error = "non-finite score nan"
+        return candidate
+
+    results = sweep(score, checkpoints(), alphas=(0.1, 0.2), betas=(0.5,), greater_is_better=True)
+    merge = results[-1]
+    assert (merge.alpha1, merge.alpha2) == (0.0, 0.1)
+
+
+def test_a_search_needs_a_checkpoint():
+    with pytest.raises(ValueError, match="needs at least one kept checkpoint"):
+        sweep(quadratic(), [], (0.1,), (0.5,))
+
+
+def test_exme_coefficients():
+    assert exme_coefficients(0.2, 0.4, 0.3) == pytest.approx((0.36, 0.98))
+    assert exme_coefficients(0.0, 0.0, 1.0) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("a", [0.5, 2.0])
+def test_mixup_draws_are_seeded_and_follow_beta(a):
+    draws = mixup_draws(a, 20000, seed=3)
+    assert draws == mixup_draws(a, 20000, seed=3) and draws != mixup_draws(a, 20000, seed=4)
+    mean = sum(draws) / len(draws)
+    variance = sum((x - mean) ** 2 for x in draws) / len(draws)
+    assert mean == pytest.approx(0.5, abs=0.01)
+    assert variance == pytest.approx(1 / (4 * (2 * a + 1)), rel=0.05)  # Var of Beta(a, a)
+    # Beta(a, a)'s mass in the middle third, by a Riemann sum of its density
+    grid = [i / 10000 for i in range(1, 10000)]
+    density = [(x * (1 - x)) ** (a - 1) for x in grid]
+    middle = sum(d for x, d in zip(grid, density, strict=True) if 1 / 3 <= x <= 2 / 3) / sum(density)
+    assert sum(1 / 3 <= x <= 2 / 3 for x in draws) / len(draws) == pytest.approx(middle, abs=0.01)
+
+
+def test_sweep_mixup_points_and_dare_candidates():
+    (a, b) = mixup_draws(2.0, 2, seed=5)
+    results = run_strategy(Mixup(2.0, 2, seed=5), checkpoints(), lambda c: c)[2:]
+    assert [(c.kind, c.coefficients, c.hyper) for c in results] == [
+        ("mixup", (a, pytest.approx(1 - a)), {"lambda": a}),
+        ("mixup", (b, pytest.approx(1 - b)), {"lambda": b}),
+    ]
+    sparse = run_strategy(Mixup(2.0, 1, seed=5, density=0.5), checkpoints(), lambda c: c)[2:]
+    assert sparse[0].coefficients is None and sparse[0].hyper == {"lambda": a, "density": 0.5}
+    assert sparse[0].steps == (40, 30)
+    merge = sparse[0].merge
+    assert (merge.method, merge.checkpoints, merge.weights, merge.density, merge.seed) == (
+        "dare",
+        (0, 1),
+        (a, 1 - a),
+        0.5,
+        5,
+    )
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_topk_greedy_reaches_a_known_optimum_explores_and_stops():
+    target = (0.5, 0.0, 0.5)  # the midpoint of the first and third checkpoints
+
+    def score(candidate):
+        candidate.score = -sum((x - t) ** 2 for x, t in zip(candidate.coefficients, target, strict=True))
+        return candidate
+
+    kept = [Checkpoint(10, -0.5), Checkpoint(20, -1.5), Checkpoint(30, -0.5)]
+    results = topk_greedy(score, kept, cosine, k=2, greater_is_better=True)
+    merges = results[3:]
+    # Generation 1 merges the two best (steps 10 and 30): the optimum.
+    assert merges[0].coefficients == target and merges[0].score == 0.0 and merges[0].parents == (0, 2)
+    assert merges[0].hyper["generation"] == 1 and merges[0].hyper["kinship"] == 0.0
+    # Generation 2 merges the two best again, gains nothing, explores with the least related (step 20), and stops.
+    assert [m.hyper["generation"] for m in merges[1:]] == [2, 2]
+    assert merges[1].parents == (3, 0) and "exploration" not in merges[1].hyper
+    assert merges[2].parents == (3, 1) and merges[2].hyper["exploration"] == 1
+    assert max(results, key=lambda c: c.score) is merges[0]
+    assert len(topk_greedy(score, kept, cosine, k=2, budget=1, greater_is_better=True)) == 4  # the budget
+
+
+def test_topk_greedy_explores_with_the_farthest_model_for_a_distance():
+    target = (0.5, 0.0, 0.5)
+
+    def score(candidate):
+        candidate.score = -sum((x - t) ** 2 for x, t in zip(candidate.coefficients, target, strict=True))
+        return candidate
+
+    def distance(a, b):
+        return math.dist(a, b)
+
+    kept = [Checkpoint(10, -0.5), Checkpoint(20, -1.5), Checkpoint(30, -0.5)]
+    results = topk_greedy(score, kept, distance, k=2, greater_is_better=True, distance=True)
+    explored = [c for c in results if c.hyper.get("exploration")]
+    assert [c.parents for c in explored] == [(3, 1)]  # the farthest from the best: step 20, at distance 1.22
+    assert explored[0].hyper["kinship"] == pytest.approx(math.dist((0.5, 0.0, 0.5), (0.0, 1.0, 0.0)))
+
+
+def bernoulli_scorer(accuracies, n=400, seed=0):
+    """Per-item 0/1 scores of candidates with known accuracies; item i is solved by every candidate whose accuracy
+    exceeds its difficulty `u_i` (shared by all: the comparisons are paired)."""
+    difficulty = torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    calls = []
+
+    def evaluate(candidate, request):
+        calls.append((candidate.hyper["beta"], {g: list(v) for g, v in request.items()}))
+        p = accuracies[candidate.hyper["beta"]]
+        return {"acc": [float(difficulty[i] < p) for i in request["acc"]]}
+
+    return evaluate, calls
+
+
+def test_racing_finds_the_known_best_with_fewer_item_evaluations():
+    accuracies = {0.1: 0.50, 0.2: 0.60, 0.3: 0.70, 0.4: 0.78, 0.5: 0.80, 0.6: 0.74, 0.7: 0.65, 0.8: 0.55, 0.9: 0.45}
+    evaluate, calls = bernoulli_scorer(accuracies)
+    mean = lambda metrics: metrics["acc"]  # noqa: E731
+    race = Racing(evaluate, {"acc": 400}, mean, {"acc": 1.0}, greater_is_better=True, level=0.95, seed=0)
+    group = [Candidate("exme", (b, 1 - b), hyper={"beta": b}) for b in accuracies]
+    race(group)
+
+    winner = best(group, True)
+    assert winner.hyper["beta"] == 0.5 and winner.score == pytest.approx(0.80, abs=0.03)
+    assert race.item_evaluations < len(group) * 400 / 2  # at least 2x fewer than the grid
+    stopped = [c for c in group if not c.valid]
+    assert {c.hyper["beta"] for c in stopped} >= {0.1, 0.2, 0.8, 0.9}  # the clearly worse stop early
+    assert all(c.error.startswith("stopped by racing after") and not c.items for c in stopped)
+
+    # Every round scores every candidate still racing on the same items: a candidate is never dropped on items
+    # the leader was not scored on.
+    rounds = {}
+    for beta, request in calls:
+        rounds.setdefault(json.dumps(request), set()).add(beta)
+    assert len(rounds) == 4 and all(0.5 in betas for betas in rounds.values())
+    # The survivors are scored on every item, back in the items' own order: the grid's scores, exactly.
+    grid, _ = bernoulli_scorer(accuracies)
+    for candidate in group:
+        if candidate.valid:
+            assert candidate.items["acc"] == grid(candidate, {"acc": list(range(400))})["acc"]
+            assert candidate.score == pytest.approx(sum(candidate.items["acc"]) / 400)
+
+
+def test_bracketing_stops_a_line_once_the_score_falls_clearly():
+    accuracies = {0.1: 0.70, 0.2: 0.85, 0.3: 0.50, 0.4: 0.30, 0.5: 0.20}  # rises, then falls
+    evaluate, calls = bernoulli_scorer(accuracies)
+    race = Racing(evaluate, {"acc": 400}, lambda m: m["acc"], {"acc": 1.0}, greater_is_better=True)
+    group = [Candidate("exme", (1.0 + b, 0.0), hyper={"beta": b}) for b in accuracies]
+    race(group, line=True)
+    assert best(group, True).hyper["beta"] == 0.2
+    assert {beta for beta, _ in calls} == {0.1, 0.2, 0.3}  # 0.3 falls clearly below 0.2: 0.4, 0.5 never scored
+    assert [c.error for c in group[3:]] == ["not scored: bracketing stopped the line at beta=0.3"] * 2
