@@ -6,8 +6,8 @@
     exme kinship BASE A B [C ...]                              # how related the checkpoints are (--json)
 
 A thin shell over the library: `runs` reads the run and builds the plane, `pipeline.run` does what the callback's
-`on_train_end` does. Exit status: 0 on success, 1 when the work fails (a missing or corrupt checkpoint, a metric
-the history lacks, an unwritable output), 2 for bad usage.
+`on_train_end` does. Exit status: 0 on success, 1 when the work fails for a reason the library names (a missing or
+corrupt checkpoint, a metric the history lacks, an unwritable output: `errors.ExMeError`), 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -74,14 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="exme", description="Extrapolation Merging (ExMe) of a fine-tuning run's checkpoints.", epilog=EPILOG
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,apply,kinship}")
-    defaults = _Help
+    _add_run_command(commands)
+    _add_apply_command(commands)
+    _add_kinship_command(commands)
+    return parser
 
+
+def _add_run_command(commands) -> None:
     run = commands.add_parser(
         "run",
         help="ExMe on a finished Trainer/SFTTrainer run",
         description="Rank a finished run's evaluated checkpoints, extrapolate the best two (EXPO), merge them (ExMe), "
         "score every candidate in-process and save the best with its report, as the callback does.",
-        formatter_class=defaults,
+        formatter_class=_Help,
     )
     run.add_argument(
         "run_dir", metavar="RUN_DIR", help="the run's output folder (checkpoint-* and trainer_state.json)"
@@ -120,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-merged", action="store_true", help="LoRA: also save the chosen model fused, in merged/"
     )
 
+
+def _add_apply_command(commands) -> None:
     apply = commands.add_parser(
         "apply",
         help="write one candidate as a loadable model folder",
         description="Write base + sum_i c_i * (checkpoint_i - base) as a model folder (config, tokenizer, "
         "safetensors), or as a PEFT adapter folder for LoRA checkpoints.",
-        formatter_class=defaults,
+        formatter_class=_Help,
     )
     apply.add_argument("output", metavar="OUT", nargs="?", help="the folder to write (replaced atomically)")
     apply.add_argument("--checkpoint", action="append", required=True, metavar="FOLDER", help="a checkpoint (repeat)")
@@ -136,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--alpha1", type=float, default=0.0, help="with --beta: EXPO-1's extrapolation strength")
     apply.add_argument("--alpha2", type=float, default=0.0, help="with --beta: EXPO-2's extrapolation strength")
     apply.add_argument("--merged", action="store_true", help="LoRA: write the model fused into the base weights")
+
+
+def _add_kinship_command(commands) -> None:
     kinship = commands.add_parser(
         "kinship",
         help="how related checkpoints are: the kinship of their task vectors",
@@ -150,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     kinship.add_argument("--json", action="store_true", help="print JSON instead of tables")
     kinship.add_argument("--device", default="cpu", help="where the model is loaded (cpu, cuda, ...)")
     kinship.add_argument("--dtype", choices=DTYPES, default="auto", help="the model's dtype (auto: the checkpoint's)")
-    return parser
 
 
 def _add_model_options(group) -> None:
@@ -295,7 +304,7 @@ def _run(args) -> None:
         pipeline.Output(destination, processing_class=loaded.tokenizer, sources=sources),
         settings=args.settings,
         heldout=heldout,
-        base="score",
+        score_base=True,
     )
     print()
     print(report.to_markdown())

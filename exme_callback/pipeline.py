@@ -82,6 +82,7 @@ def run(
     settings: SearchSettings | None = None,
     heldout: Scorer | None = None,
     base: Candidate | None = None,
+    score_base: bool = False,
 ) -> Report:
     """Score the rows, search, choose, score held-out, publish: the whole of ExMe once the checkpoints are kept.
 
@@ -95,13 +96,16 @@ def run(
         settings (`SearchSettings`, *optional*): the strategy (a name, or a `strategies.Strategy` of your own), its
             grids and draws, `choose_from`, the baselines, racing, `min_gain`.
         heldout (`Scorer`, *optional*): scores the rows of the table on data that chose nothing.
-        base (`Candidate` or `str`, *optional*): the base model's row, already scored (`evaluate_base`; its held-out
-            score is added here when missing), or `"score"` to score it here.
+        base (`Candidate`, *optional*): the base model's row, already scored (`evaluate_base`, before training); its
+            held-out score is added here when missing.
+        score_base (`bool`, *optional*, defaults to `False`): without `base`, score the base model here (the plane
+            at `c = 0`) for the report's Base row, as `exme run` does.
 
     Returns:
         `Report`: everything evaluated and chosen; also written to `output.destination`.
     """
-    return Sweep(model, plane, scorer, output, settings or SearchSettings(), heldout).run(checkpoints, base)
+    sweep = Sweep(model, plane, scorer, output, settings or SearchSettings(), heldout)
+    return sweep.run(checkpoints, base, score_base)
 
 
 def evaluate_base(
@@ -141,6 +145,7 @@ class Sweep:
         self.output, self.settings = output, settings
         self.strategy, self.baselines = settings.make_strategy(), settings.make_baselines()
         self.order: list[int] = []  # the plane's block of each checkpoint, in the search's order (best first)
+        self.gram: Gram | None = None  # the kept checkpoints' Gram matrix, in the search's order (`plan`)
         self.choosable: list[Candidate] = []  # the checkpoints and the strategy's candidates, not the baselines
         self.progress = tqdm(disable=True)
         self.report = Report(
@@ -165,10 +170,12 @@ class Sweep:
             self.report.heldout_greater_is_better = heldout.objective.greater_is_better
             self.report.heldout_columns = list(heldout.objective.metrics)
 
-    def run(self, checkpoints: Sequence[Checkpoint], base: Candidate | str | None = None) -> Report:
+    def run(
+        self, checkpoints: Sequence[Checkpoint], base: Candidate | None = None, score_base: bool = False
+    ) -> Report:
         """The steps, in order; the plane is closed whatever happens."""
         try:
-            self.score_rows(list(checkpoints), base)
+            self.score_rows(list(checkpoints), base, score_base)
             self.plan()
             self.search()
             self.choose()
@@ -192,7 +199,7 @@ class Sweep:
 
     # ---- the steps ---------------------------------------------------------------------------------------------
 
-    def score_rows(self, checkpoints: list[Checkpoint], base: Candidate | str | None) -> None:
+    def score_rows(self, checkpoints: list[Checkpoint], base: Candidate | None, score_base: bool) -> None:
         """1. The kept checkpoints not scored yet, and the base, scored like every candidate."""
         k = len(checkpoints)
         for i, checkpoint in enumerate(checkpoints):
@@ -201,7 +208,7 @@ class Sweep:
                 checkpoint.score, checkpoint.metrics, checkpoint.items = self.scorer(self.model)
                 name = self.scorer.objective.name
                 logger.info(f"Checkpoint step {checkpoint.step}: {name} = {checkpoint.score:.6g}")
-        if base == "score":
+        if base is None and score_base:
             self.plane.apply((0.0,) * k)
             base = evaluate_base(self.model, self.scorer, self.settings)
         if base is not None:  # scored before the checkpoints were known: the origin of this span

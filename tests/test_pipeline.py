@@ -336,7 +336,7 @@ def test_run_scores_the_checkpoints_and_the_base_then_runs_a_custom_strategy(tmp
     output = Output(str(tmp_path / "exme"), show_progress=False)
     settings = SearchSettings(strategy=Corners())
     report = pipeline.run(
-        model, plane, [Checkpoint(10), Checkpoint(20)], scorer, output, settings=settings, base="score"
+        model, plane, [Checkpoint(10), Checkpoint(20)], scorer, output, settings=settings, score_base=True
     )
 
     assert evaluator.calls == 2 + 1 + 4  # the checkpoints and the base, scored here, then the strategy's four

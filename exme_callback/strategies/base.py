@@ -164,9 +164,9 @@ def run_strategy(
     >>> def score(candidate):  # a known optimum at c = (1.3, 0.2)
     ...     candidate.score = -((candidate.c1 - 1.3) ** 2) - (candidate.c2 - 0.2) ** 2
     ...     return candidate
-    >>> found = run_strategy(ExMe(), [Checkpoint(40, -0.1), Checkpoint(30, -0.7)], score, greater_is_better=True)
-    >>> best(found, True).hyper
-    {'alpha1': 0.3, 'alpha2': 0.2, 'beta': 0.9}
+    >>> kept = [Checkpoint(40, score=-0.13), Checkpoint(30, score=-2.33)]  # their scores at (1, 0) and (0, 1)
+    >>> best(run_strategy(ExMe(), kept, score, greater_is_better=True), True).hyper
+    {'alpha1': 0.3, 'alpha2': 0.1, 'beta': 0.9}
     ```
     """
     run = Search(checkpoints, greater_is_better, score, **search)
