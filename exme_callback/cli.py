@@ -47,7 +47,7 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if default not in (None, False, argparse.SUPPRESS) and "default:" not in text:
+        if default is not None and default is not False and default != argparse.SUPPRESS and "default:" not in text:
             shown = " ".join(f"{v:g}" for v in default) if isinstance(default, (list, tuple)) else default
             text += f" (default: {shown})".replace("%", "%%")
         return text
