@@ -3,7 +3,7 @@
 What the `exme` command needs from a `Trainer`/`SFTTrainer` output folder, as library functions:
 
 - `rank_run(run_dir, metric)`: the run's evaluated checkpoints, best first, by a metric of its log history (the
-  same ranking as the callback's, `search.rank_checkpoints`), and which of them are no longer on disk;
+  same ranking as the callback's, `candidates.rank_checkpoints`), and which of them are no longer on disk;
 - `load_plane(base, checkpoints)`: the live model (the base, loaded once) and the plane of the checkpoints over it.
   Full checkpoints (`model.safetensors`, sharded with an index) are read tensor by tensor with
   `safetensors.safe_open`, never all at once; LoRA checkpoints (`adapter_model.safetensors`) are adapter-sized.
