@@ -1,10 +1,12 @@
 import json
 import math
 
+import numpy
 import pytest
 
 from exme_callback.candidates import Candidate, Checkpoint
 from exme_callback.report import Report
+from exme_callback.report.figure import DODGE, figure
 from exme_callback.strategies import Baselines, ExMe
 
 
@@ -88,6 +90,61 @@ def test_markdown_numbers_equal_json(tmp_path):
     assert data["checkpoints"] == [{"step": 40, "score": 0.5}, {"step": 30, "score": 0.6}]
     assert "non-finite score nan" in (tmp_path / "exme_report.md").read_text()
     assert (tmp_path / "exme_sweep.png").stat().st_size > 10_000
+
+
+def with_intervals(report):
+    """`report` with an interval on every valid EXPO and ExMe gain, as per-item scores give."""
+    for c in report.candidates:
+        if c.kind in ("expo", "exme") and c.valid:
+            c.interval = (-0.05, 0.02)
+    return report
+
+
+def drawn(report):
+    """The sweep's figure, drawn (so the legends have their place)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figure(report)
+    FigureCanvasAgg(fig).draw()
+    return fig
+
+
+def test_figure_dodges_the_error_bars_of_lines_at_one_alpha():
+    left, _ = drawn(with_intervals(make_report())).axes
+    bars = {container.get_label(): container for container in left.containers}
+    x = {label: [segment[0][0] for segment in c.lines[2][0].get_segments()] for label, c in bars.items()}
+    # EXPO-1 at alpha 0.2 and 0.4, EXPO-2 at 0.4 only (its alpha 0.2 is not finite): both lines have a bar at 0.4.
+    shift = DODGE * (0.4 - 0.2)
+    assert x["EXPO-1"] == pytest.approx([0.2 - shift, 0.4 - shift]) and x["EXPO-2"] == pytest.approx([0.4 + shift])
+    assert bars["EXPO-1"].lines[0].get_xdata() == pytest.approx(x["EXPO-1"])  # the points move with their bars
+
+
+def test_figure_without_intervals_is_not_dodged_and_says_there_are_no_bars():
+    fig = drawn(make_report())
+    left, _ = fig.axes
+    assert [list(c.lines[0].get_xdata()) for c in left.containers] == [[0.2, 0.4], [0.4]]
+    assert all(not c.has_yerr for c in left.containers)
+    assert fig.get_supxlabel().startswith("No error bars")
+
+
+@pytest.mark.parametrize("intervals", [False, True])
+def test_figure_legends_cover_no_data(intervals):
+    report = with_intervals(make_report()) if intervals else make_report()
+    fig = drawn(report)
+    for axes in fig.axes:
+        box = axes.get_legend().get_window_extent()
+        assert not box.overlaps(axes.get_window_extent())  # outside the panel
+        for container in axes.containers:
+            points = [container.lines[0].get_xydata()]
+            points += [segment for bars in container.lines[2] for segment in bars.get_segments()]
+            for x, y in axes.transData.transform(numpy.concatenate(points)):
+                assert not box.contains(x, y)
+    caption = fig.get_supxlabel()
+    if intervals:
+        assert "95% paired bootstrap interval of each candidate's gain over the best checkpoint (SFT-1)" in caption
+        assert "placed around the candidate's score" in caption and "shifted by ±1.5% of the alpha range" in caption
+    else:
+        assert caption.startswith("No error bars: the gains have no confidence interval")
 
 
 def test_markdown_without_heldout_has_no_heldout_columns(tmp_path):
