@@ -19,7 +19,7 @@ from .candidates import Candidate, Checkpoint, rank_checkpoints
 from .errors import InputError, InputTypeError
 from .evaluators import TrainerEvaluator
 from .planes import make_plane, sources_of
-from .report import Report
+from .report import Report, log_report
 from .resume import checkpoint_folder, load_resume_state, save_resume_state
 from .scoring import Evaluator, Objective, Scorer, as_evaluator
 from .settings import SearchSettings
@@ -259,6 +259,8 @@ class ExMeCallback(TrainerCallback):
             plane, output = self._plane(model), self._output(args, state, model, processing_class)
             options = {"settings": self.settings, "heldout": self._heldout, "base": self._base}
             self.report = pipeline.run(model, plane, self._kept, self._scorer, output, **options)
+            if state.is_world_process_zero:  # the table and the figure where the run's curves are
+                log_report(self.trainer, self.report, self._destination, state.global_step, caller=self)
         finally:
             self._store.clear()
             if sharding.world() > 1:  # the ranks' folders' parent, once every rank's folder is gone
