@@ -9,11 +9,13 @@ from exme_callback.strategies import (
     Baselines,
     ExMe,
     Mixup,
+    Noise,
     Racing,
     TopkGreedy,
     exme_coefficients,
     mixup_draws,
     run_strategy,
+    walk_line,
 )
 
 
@@ -233,3 +235,33 @@ def test_bracketing_stops_a_line_once_the_score_falls_clearly():
     assert best(group, True).hyper["beta"] == 0.2
     assert {beta for beta, _ in calls} == {0.1, 0.2, 0.3}  # 0.3 falls clearly below 0.2: 0.4, 0.5 never scored
     assert [c.error for c in group[3:]] == ["not scored: bracketing stopped the line at beta=0.3"] * 2
+
+
+def test_a_line_stops_at_its_first_clear_fall_and_extends_only_while_clearly_rising():
+    heights = {0.1: 1.0, 0.2: 3.0, 0.3: 2.0, 0.4: 4.0, 0.5: 5.0, 0.6: 6.0, 0.8: 6.0, 1.0: 9.0}
+    line = [Candidate("expo", (1.0 + a,), hyper={"alpha1": a}) for a in heights]
+    calls = []
+
+    def score(candidate):
+        calls.append(candidate.alpha1)
+        candidate.score = heights[candidate.alpha1]
+
+    noise = Noise(greater_is_better=True)
+    assert walk_line(line, score, noise, grid=5, bracket=False) == 7  # 0.8 only ties 0.6: 1.0 is never scored
+    assert calls == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
+    calls.clear()
+    assert walk_line(line, score, noise, grid=5) == 3 and calls == [0.1, 0.2, 0.3]  # 0.3 falls below 0.2
+    calls.clear()
+    assert walk_line(line, score, Noise(greater_is_better=False), grid=2, bracket=False) == 2  # a loss: 0.2 fell
+
+
+def test_noise_is_the_gain_interval_with_items_and_the_score_difference_without():
+    a = Candidate("expo", (1.1,), score=0.75, items={"acc": [1.0, 1.0, 0.0, 1.0] * 50})
+    b = Candidate("expo", (1.2,), score=0.5, items={"acc": [1.0, 0.0, 0.0, 1.0] * 50})
+    noisy = Candidate("expo", (1.3,), score=0.76, items={"acc": [1.0, 1.0, 1.0, 0.0] * 50})
+    with_items = Noise(True, {"acc": 1.0})
+    assert with_items.clearly_above(a, b) and with_items.clearly_below(b, a)
+    assert not with_items.clearly_above(noisy, a) and not with_items.clearly_below(noisy, a)  # a gain in the noise
+    without = Noise(True)  # no weights: the scores decide, any difference is clear
+    assert without.clearly_above(noisy, a) and without.gain(noisy, a) == pytest.approx((0.01, 0.01))
+    assert without.clearly_below(Candidate("expo", (1.4,), score=math.nan, error="non-finite"), a)

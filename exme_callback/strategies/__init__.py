@@ -31,6 +31,7 @@ trainer.add_callback(ExMeCallback(trainer, strategy=RandomBox(n=8)))
 from .base import Search, Strategy, run_strategy
 from .baselines import DEFAULT_DENSITIES, Baselines
 from .exme import DEFAULT_ALPHAS, DEFAULT_BETAS, ExMe, exme_coefficients
+from .line import Noise, walk_line
 from .mixup import Mixup, mixup_draws
 from .racing import RACING_ROUNDS, Racing, item_group
 from .topk_greedy import TopkGreedy
@@ -44,6 +45,7 @@ __all__ = [
     "Baselines",
     "ExMe",
     "Mixup",
+    "Noise",
     "Racing",
     "Search",
     "Strategy",
@@ -52,6 +54,7 @@ __all__ = [
     "item_group",
     "mixup_draws",
     "run_strategy",
+    "walk_line",
 ]
 
 STRATEGIES: dict[str, type[Strategy]] = {"exme": ExMe, "mixup": Mixup, "topk_greedy": TopkGreedy}
