@@ -30,13 +30,16 @@ trainer.add_callback(ExMeCallback(trainer, strategy=RandomBox(n=8)))
 
 from .base import Search, Strategy, run_strategy
 from .baselines import DEFAULT_DENSITIES, Baselines
-from .exme import DEFAULT_ALPHAS, DEFAULT_BETAS, ExMe, exme_coefficients
+from .exme import AUTO, AUTO_CAP, AUTO_EXTENSION, DEFAULT_ALPHAS, DEFAULT_BETAS, ExMe, exme_coefficients, scored_alphas
 from .line import Noise, walk_line
 from .mixup import Mixup, mixup_draws
 from .racing import RACING_ROUNDS, Racing, item_group
 from .topk_greedy import TopkGreedy
 
 __all__ = [
+    "AUTO",
+    "AUTO_CAP",
+    "AUTO_EXTENSION",
     "DEFAULT_ALPHAS",
     "DEFAULT_BETAS",
     "DEFAULT_DENSITIES",
@@ -54,6 +57,7 @@ __all__ = [
     "item_group",
     "mixup_draws",
     "run_strategy",
+    "scored_alphas",
     "walk_line",
 ]
 

@@ -2,7 +2,8 @@
 
 1. SFT-1 and SFT-2: the two best checkpoints of training, `c = (1, 0)` and `(0, 1)`.
 2. EXPO-i: `SFT_i + alpha * (SFT_i - base)`, `c_i = 1 + alpha`, for every `alpha` of the grid, for each checkpoint
-   separately; the best alpha of each is kept.
+   separately; the best alpha of each is kept. With `alphas="auto"` each line goes on past the grid
+   (`AUTO_EXTENSION`, up to `AUTO_CAP`) while its score still rises by more than the noise.
 3. ExMe: `beta * EXPO_1 + (1 - beta) * EXPO_2`, `c = (beta (1 + alpha1), (1 - beta)(1 + alpha2))`, for every `beta`.
 """
 
@@ -11,17 +12,48 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..candidates import Candidate, best
+from ..errors import InputError
 from .base import Search, Strategy
 
-__all__ = ["DEFAULT_ALPHAS", "DEFAULT_BETAS", "ExMe", "exme_coefficients"]
+__all__ = [
+    "AUTO",
+    "AUTO_CAP",
+    "AUTO_EXTENSION",
+    "DEFAULT_ALPHAS",
+    "DEFAULT_BETAS",
+    "ExMe",
+    "exme_coefficients",
+    "scored_alphas",
+]
 
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+_ALPHAS = ("alpha1", "alpha2")
+AUTO = "auto"
+"""`alphas="auto"`: the default grid, then each EXPO line further (`AUTO_EXTENSION`) while its score rises."""
+AUTO_CAP = 2.0
+"""The largest alpha `alphas="auto"` tries: `c_i = 3`, three times the checkpoint's task vector."""
+AUTO_EXTENSION = (0.6, 0.8, 1.0, 1.5, AUTO_CAP)
+"""The alphas past the default grid that `alphas="auto"` scores, in order, each only while the line's newest point
+beats the best before it by more than the noise (the interval of the gain with per-item scores, else any gain);
+the first clear fall stops the line (`line.walk_line`)."""
 
 
 def exme_coefficients(alpha1: float, alpha2: float, beta: float) -> tuple[float, float]:
     """`(c1, c2)` of `beta * EXPO_1(alpha1) + (1 - beta) * EXPO_2(alpha2)`."""
     return beta * (1.0 + alpha1), (1.0 - beta) * (1.0 + alpha2)
+
+
+def scored_alphas(candidates: Sequence[Candidate]) -> tuple[float, ...]:
+    """The alphas the EXPO candidates of `candidates` were scored at (any line; a stopped race counts, a point never
+    scored does not), in increasing order: with `alphas="auto"`, how far the lines went."""
+    scored = [c for c in candidates if c.kind == "expo" and c.score is not None]
+    return tuple(sorted({c.hyper[name] for c in scored for name in _ALPHAS if name in c.hyper}))
+
+
+def _expo(search: Search, i: int, alpha: float) -> Candidate:
+    """EXPO of the `i`-th kept checkpoint: `c_i = 1 + alpha`, the others 0."""
+    return search.point("expo", [(1.0 + alpha) * (i == j) for j in range(search.k)], {f"alpha{i + 1}": alpha})
 
 
 class ExMe(Strategy):
@@ -31,8 +63,10 @@ class ExMe(Strategy):
     raced with `search="racing"`; the alphas as a line, in increasing order.
 
     Args:
-        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.5)`): the extrapolation grid, searched for
-            each checkpoint separately.
+        alphas (`Sequence[float]` or `"auto"`, *optional*, defaults to `(0.1, ..., 0.5)`): the extrapolation grid,
+            searched for each checkpoint separately; `"auto"`: the default grid, then each line on past it
+            (`AUTO_EXTENSION`: 0.6, 0.8, 1.0, 1.5, 2.0) while its score still rises by more than the noise, stopping at
+            the first clear fall.
         betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`): the merge grid between the two best
             EXPO models.
     """
@@ -43,14 +77,22 @@ class ExMe(Strategy):
         "(Extrapolation Merging, [ExMe](https://arxiv.org/abs/2503.04834))"
     )
 
-    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, betas: Sequence[float] = DEFAULT_BETAS):
-        self.alphas, self.betas = tuple(alphas), tuple(betas)
+    def __init__(self, alphas: Sequence[float] | str = DEFAULT_ALPHAS, betas: Sequence[float] = DEFAULT_BETAS):
+        if isinstance(alphas, str) and alphas != AUTO:
+            raise InputError(f"`alphas` must be a sequence of numbers or {AUTO!r}, got {alphas!r}")
+        self.auto = isinstance(alphas, str)
+        self.alphas = DEFAULT_ALPHAS if self.auto else tuple(alphas)
+        self.extension = AUTO_EXTENSION if self.auto else ()
+        self.betas = tuple(betas)
 
     @classmethod
     def from_settings(cls, settings) -> ExMe:
         return cls(settings.alphas, settings.merge_weights())
 
-    def evaluations(self, k: int) -> int:
+    def evaluations(self, k: int) -> int | None:
+        """The grid's count; `None` (unknown) with `alphas="auto"`, whose lines stop where their scores say."""
+        if self.auto:
+            return None
         return min(k, 2) * len(self.alphas) + (len(self.betas) if k >= 2 else 0)
 
     def search(self, search: Search) -> None:
@@ -58,11 +100,9 @@ class ExMe(Strategy):
         best_alphas = []
         for i in range(min(search.k, 2)):
             name = f"alpha{i + 1}"
-            line = [
-                search.point("expo", [(1.0 + alpha) * (i == j) for j in range(search.k)], {name: alpha})
-                for alpha in sorted(self.alphas)
-            ]
-            winner = search.best(search.score_stage(line, line=True))
+            line = [_expo(search, i, alpha) for alpha in sorted(self.alphas)]
+            extension = [_expo(search, i, alpha) for alpha in self.extension]
+            winner = search.best(search.score_stage(line, line=True, extension=extension))
             best_alphas.append(0.0 if winner is None else winner.hyper[name])
         if search.k < 2:
             return

@@ -45,13 +45,17 @@ class Noise:
         gain = (candidate.score - reference.score) * (1.0 if self.greater_is_better else -1.0)
         return gain, gain
 
+    def compare(self, candidate: Candidate, reference: Candidate) -> int:
+        """`-1` when `candidate` is worse than `reference` by more than the noise (or has no finite score), `1` when
+        it is better by more than the noise, `0` within it."""
+        if not candidate.valid:
+            return -1
+        low, high = self.gain(candidate, reference)
+        return -1 if high < 0 else 1 if low > 0 else 0
+
     def clearly_below(self, candidate: Candidate, reference: Candidate) -> bool:
         """Whether `candidate` is worse than `reference` by more than the noise (or has no finite score)."""
-        return not candidate.valid or self.gain(candidate, reference)[1] < 0
-
-    def clearly_above(self, candidate: Candidate, reference: Candidate) -> bool:
-        """Whether `candidate` is better than `reference` by more than the noise."""
-        return candidate.valid and self.gain(candidate, reference)[0] > 0
+        return self.compare(candidate, reference) < 0
 
 
 def walk_line(
@@ -88,14 +92,14 @@ def walk_line(
     ```
     """
     grid = len(line) if grid is None else grid
-    leader, rising = None, True
+    leader, verdict = None, 1
     for position, candidate in enumerate(line):
-        if position >= grid and not rising:
+        if position >= grid and verdict < 1:
             return position
         score(candidate)
-        fell = not candidate.valid or (leader is not None and noise.clearly_below(candidate, leader))
-        if fell and (bracket or position >= grid):
-            return position + 1
-        rising = not fell and (leader is None or noise.clearly_above(candidate, leader))
+        if position + 1 < len(line) and (bracket or position >= grid - 1):  # else nothing it shows changes the walk
+            verdict = noise.compare(candidate, leader) if leader is not None else 1 if candidate.valid else -1
+            if verdict < 0 and (bracket or position >= grid):
+                return position + 1
         leader = best([c for c in (leader, candidate) if c is not None], noise.greater_is_better)
     return len(line)
