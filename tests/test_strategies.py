@@ -347,3 +347,21 @@ def test_racing_with_auto_alphas_brackets_and_extends_the_same_line():
     assert {c["alpha2"] for c in calls if "alpha2" in c} == {0.1, 0.2, 0.3}
     assert not any(c.get("alpha1") == 2.0 for c in calls)
     assert {(m.alpha1, m.alpha2) for m in results if m.kind == "exme"} == {(1.0, 0.2)}
+
+
+def test_the_log_warns_of_a_best_at_the_edge_and_auto_alphas_take_the_alpha_off_it(caplog):
+    kept = [Checkpoint(40, 0.45), Checkpoint(30, 0.40)]
+    with caplog.at_level("WARNING", logger="exme_callback.strategies.exme"):
+        run_strategy(ExMe(), kept, accuracy_scorer(items=False)[0], True)
+    assert caplog.messages == [
+        "ExMe: at the edge of the search: alpha1=0.5 is the largest alpha tried; the score was still rising; "
+        "beta=0.9 is the largest beta tried; the score was still rising (the best may lie beyond; "
+        '`alphas="auto"` extends the lines).'
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="exme_callback.strategies.exme"):
+        auto_sweep(accuracy_scorer()[0])
+    assert caplog.messages == [
+        "ExMe: at the edge of the search: beta=0.9 is the largest beta tried; the score was still rising (the best "
+        "may lie beyond)."
+    ]

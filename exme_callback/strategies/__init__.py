@@ -30,7 +30,17 @@ trainer.add_callback(ExMeCallback(trainer, strategy=RandomBox(n=8)))
 
 from .base import Search, Strategy, run_strategy
 from .baselines import DEFAULT_DENSITIES, Baselines
-from .exme import AUTO, AUTO_CAP, AUTO_EXTENSION, DEFAULT_ALPHAS, DEFAULT_BETAS, ExMe, exme_coefficients, scored_alphas
+from .exme import (
+    AUTO,
+    AUTO_CAP,
+    AUTO_EXTENSION,
+    DEFAULT_ALPHAS,
+    DEFAULT_BETAS,
+    ExMe,
+    edge_notices,
+    exme_coefficients,
+    scored_alphas,
+)
 from .line import Noise, walk_line
 from .mixup import Mixup, mixup_draws
 from .racing import RACING_ROUNDS, Racing, item_group
@@ -53,6 +63,7 @@ __all__ = [
     "Search",
     "Strategy",
     "TopkGreedy",
+    "edge_notices",
     "exme_coefficients",
     "item_group",
     "mixup_draws",

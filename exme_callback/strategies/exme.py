@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 
-from ..candidates import Candidate, best
+from ..candidates import Candidate, best, is_better
 from ..errors import InputError
 from .base import Search, Strategy
 
@@ -22,12 +24,15 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_BETAS",
     "ExMe",
+    "edge_notices",
     "exme_coefficients",
     "scored_alphas",
 ]
 
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+logger = logging.getLogger(__name__)
+
 _ALPHAS = ("alpha1", "alpha2")
 AUTO = "auto"
 """`alphas="auto"`: the default grid, then each EXPO line further (`AUTO_EXTENSION`) while its score rises."""
@@ -49,6 +54,47 @@ def scored_alphas(candidates: Sequence[Candidate]) -> tuple[float, ...]:
     scored does not), in increasing order: with `alphas="auto"`, how far the lines went."""
     scored = [c for c in candidates if c.kind == "expo" and c.score is not None]
     return tuple(sorted({c.hyper[name] for c in scored for name in _ALPHAS if name in c.hyper}))
+
+
+def edge_notices(candidates: Sequence[Candidate], greater_is_better: bool) -> list[str]:
+    """Where a stage's best sits at the edge of what it tried, the score still improving there: EXPO-i's best at the
+    largest alpha its line scored (the grid's largest, or where `alphas="auto"` stopped it), or the best merge at
+    the smallest or largest beta. One phrase each, like `"alpha1=0.5 is the largest alpha tried; the score was
+    still rising"`; none for a stage whose best is inside, that scored fewer than two finite values, or whose best
+    ties another.
+
+    Args:
+        candidates (`Sequence[Candidate]`): a search's candidates (`Report.candidates`): the `"expo"` ones with
+            `alpha1` or `alpha2`, the `"exme"` ones with `beta`; a candidate never scored (`score=None`) was not
+            tried, one stopped by racing was.
+        greater_is_better (`bool`): the direction of the score ("rising" or "falling").
+    """
+    direction = "rising" if greater_is_better else "falling"
+    notices = []
+    for name in _ALPHAS:
+        line = [(c.hyper[name], c) for c in candidates if c.kind == "expo" and name in c.hyper]
+        edge = _edge(line, greater_is_better)
+        if edge is not None and edge[0] == "largest":
+            notices.append(f"{name}={edge[1]:g} is the largest alpha tried; the score was still {direction}")
+    merges = [(c.hyper["beta"], c) for c in candidates if c.kind == "exme" and "beta" in c.hyper]
+    edge = _edge(merges, greater_is_better)
+    if edge is not None:
+        where = "" if edge[0] == "largest" else " as beta decreased"
+        notices.append(f"beta={edge[1]:g} is the {edge[0]} beta tried; the score was still {direction}{where}")
+    return notices
+
+
+def _edge(points: Sequence[tuple[float, Candidate]], greater_is_better: bool) -> tuple[str, float] | None:
+    """`("largest" | "smallest", value)` when the best of a stage's `(value, candidate)` points is strictly better
+    than every other and sits at the largest or smallest value tried."""
+    tried = [(value, c) for value, c in points if c.score is not None]
+    winner = best([c for _, c in tried], greater_is_better)
+    if winner is None or sum(math.isfinite(c.score) for _, c in tried) < 2:
+        return None
+    if any(c is not winner and c.valid and not is_better(winner.score, c.score, greater_is_better) for _, c in tried):
+        return None  # a tie: no slope
+    value, values = next(v for v, c in tried if c is winner), [v for v, _ in tried]
+    return ("largest", value) if value == max(values) else ("smallest", value) if value == min(values) else None
 
 
 def _expo(search: Search, i: int, alpha: float) -> Candidate:
@@ -104,15 +150,18 @@ class ExMe(Strategy):
             extension = [_expo(search, i, alpha) for alpha in self.extension]
             winner = search.best(search.score_stage(line, line=True, extension=extension))
             best_alphas.append(0.0 if winner is None else winner.hyper[name])
-        if search.k < 2:
-            return
-        # 2. ExMe: merges of the two EXPO models, with their best alphas.
-        alpha1, alpha2 = best_alphas
-        merges = []
-        for beta in self.betas:
-            c = [*exme_coefficients(alpha1, alpha2, beta), *[0.0] * (search.k - 2)]
-            merges.append(search.point("exme", c, {"alpha1": alpha1, "alpha2": alpha2, "beta": beta}, uses=(0, 1)))
-        search.score_stage(merges)
+        if search.k >= 2:  # 2. ExMe: merges of the two EXPO models, with their best alphas.
+            alpha1, alpha2 = best_alphas
+            merges = []
+            for beta in self.betas:
+                c = [*exme_coefficients(alpha1, alpha2, beta), *[0.0] * (search.k - 2)]
+                hyper = {"alpha1": alpha1, "alpha2": alpha2, "beta": beta}
+                merges.append(search.point("exme", c, hyper, uses=(0, 1)))
+            search.score_stage(merges)
+        notices = edge_notices(search.candidates, search.greater_is_better)
+        if notices:
+            hint = "" if self.auto or not notices[0].startswith("alpha") else '; `alphas="auto"` extends the lines'
+            logger.warning(f"ExMe: at the edge of the search: {'; '.join(notices)} (the best may lie beyond{hint}).")
 
     def rows(self, candidates: Sequence[Candidate], greater_is_better: bool) -> list[tuple[str, Candidate]]:
         """EXPO-1 and EXPO-2 (the best alpha of each), then the best ExMe merge."""
