@@ -58,8 +58,9 @@ class Search:
         greater_is_better (`bool`): the direction of the score.
         score (`Callable[[Candidate], Candidate]`): evaluates a candidate in place (score, metrics, items; `error`
             for a non-finite score).
-        race (`Callable[[list[Candidate], bool], None]`, *optional*): scores a group of candidates together
-            (`Racing`); without it, a stage is scored one candidate at a time.
+        race (`Callable[..., list[Candidate]]`, *optional*): scores a group of candidates together, `race(group,
+            line=..., extension=...)`, and returns the stage's candidates (`Racing`); without it, a stage is scored
+            one candidate at a time.
         kinship (`Callable[[Sequence[float], Sequence[float], str], float]`, *optional*): the kinship of two points
             of the span (`kinship.Gram.kinship`).
         weights (`Mapping[str, float]`, *optional*): each metric's weight in a gain (`Objective.gain_weights`): with
@@ -80,7 +81,7 @@ class Search:
         checkpoints: Sequence[Checkpoint],
         greater_is_better: bool,
         score: Callable[[Candidate], Candidate],
-        race: Callable[..., None] | None = None,
+        race: Callable[..., list[Candidate]] | None = None,
         kinship: Callable[[Sequence[float], Sequence[float], str], float] | None = None,
         weights: Mapping[str, float] | None = None,
         level: float = 0.95,

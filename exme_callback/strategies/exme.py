@@ -29,10 +29,10 @@ __all__ = [
     "scored_alphas",
 ]
 
-DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 logger = logging.getLogger(__name__)
 
+DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_BETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _ALPHAS = ("alpha1", "alpha2")
 AUTO = "auto"
 """`alphas="auto"`: the default grid, then each EXPO line further (`AUTO_EXTENSION`) while its score rises."""
