@@ -31,14 +31,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = {"search": "search", "strategy": "strategy (see the README's Strategies section)"}
 
 
-def _min_gain(value: str) -> float | str:
-    """`--min-gain`: a number, or `significant`."""
-    if value == "significant":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number >= 0 or 'significant', got {value!r}") from None
+def _number_or(word: str):
+    """An option's type: a number, or `word` (`--min-gain significant`, `--alphas auto`)."""
+
+    def parse(value: str) -> float | str:
+        if value == word:
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number >= 0 or {word!r}, got {value!r}") from None
+
+    return parse
 
 
 class _Help(argparse.HelpFormatter):
@@ -64,7 +68,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
             groups[meta["group"]].add_argument(option, action="store_true", default=default, help=meta["help"])
             continue
         kwargs = {k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta}
-        kwargs["type"] = _min_gain if meta.get("type") == "min_gain" else meta.get("type")
+        kwargs["type"] = _number_or(meta["word"]) if "word" in meta else meta.get("type")  # a number or a word
         default = list(default) if isinstance(default, tuple) else default
         groups[meta["group"]].add_argument(option, default=default, help=meta["help"], **kwargs)
 
@@ -206,8 +210,11 @@ def _check_run_usage(parser, args) -> None:
     if args.checkpoint and args.metric:
         parser.error("--metric ranks the run's checkpoints; with --checkpoint they are given: leave one out")
     names = [f.name for f in fields(SearchSettings)]
+    values = {name: getattr(args, name) for name in names}
+    if values["alphas"] == ["auto"]:  # `--alphas auto`
+        values["alphas"] = "auto"
     try:
-        args.settings = SearchSettings(**{name: getattr(args, name) for name in names})
+        args.settings = SearchSettings(**values)
     except (TypeError, ValueError) as error:  # named as the option, not the Python argument
         message = str(error)
         for name in names:

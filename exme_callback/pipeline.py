@@ -39,7 +39,7 @@ from .preflight import check_items
 from .report import Report
 from .scoring import Objective, Scorer
 from .settings import SearchSettings
-from .strategies import Racing, Search, item_group
+from .strategies import AUTO, Racing, Search, item_group, scored_alphas
 
 __all__ = ["Output", "Sweep", "evaluate_base", "run", "search_order"]
 
@@ -154,7 +154,7 @@ class Sweep:
             checkpoints=[],
             candidates=[],
             final=None,
-            alphas=settings.alphas,
+            alphas=() if settings.alphas == AUTO else settings.alphas,  # "auto": the alphas scored (`search`)
             betas=settings.betas,
             choose_from=settings.choose_from,
             columns=list(scorer.objective.metrics),
@@ -236,16 +236,29 @@ class Sweep:
     def search(self) -> None:
         """3. The strategy's candidates, then the baselines, each scored as it comes (`report.candidates` holds what
         was scored, also when a candidate fails)."""
-        k, settings = len(self.order), self.settings
+        k, settings, objective = len(self.order), self.settings, self.scorer.objective
         race = self._racing() if settings.search == "racing" else None
-        search = Search(self.report.checkpoints, self.report.greater_is_better, self._score, race, self.gram.kinship)
+        search = Search(
+            self.report.checkpoints,
+            self.report.greater_is_better,
+            self._score,
+            race,
+            self.gram.kinship,
+            weights=objective.gain_weights(),
+            level=settings.confidence,
+            seed=settings.seed,
+        )
         self.report.candidates = search.candidates
         total = None if race is not None else self.strategy.evaluations(k)
         if total is not None and self.baselines is not None:
             total += self.baselines.evaluations(k)
         show = self.output.show_progress
         self.progress = tqdm(total=total, desc=f"ExMe search ({self.strategy.name})", disable=not show)
-        self.strategy.search(search)
+        try:
+            self.strategy.search(search)
+        finally:
+            if settings.alphas == AUTO:
+                self.report.alphas = scored_alphas(search.candidates)
         self.choosable = list(search.candidates)
         if self.baselines is not None:
             self.baselines.search(search)

@@ -17,6 +17,8 @@ from .errors import InputError, InputTypeError, MissingExtraError
 from .intervals import check_level
 from .kinship import METRICS
 from .strategies import (
+    AUTO,
+    AUTO_EXTENSION,
     DEFAULT_ALPHAS,
     DEFAULT_BETAS,
     STRATEGIES,
@@ -33,7 +35,8 @@ SEARCHES = ("grid", "racing")
 
 
 def _option(default, help: str, group: str = "search", **cli):
-    """A settings field and what its command-line option needs: its help, its group, argparse's extras."""
+    """A settings field and what its command-line option needs: its help, its group, argparse's extras (`word`: the
+    option takes numbers or this word)."""
     factory = {"default_factory": lambda: default} if isinstance(default, list) else {"default": default}
     return field(**factory, metadata={"help": help, "group": group, **cli})
 
@@ -43,7 +46,11 @@ class SearchSettings:
     r"""What the search tries and how it chooses; every setting is validated on creation.
 
     Args:
-        alphas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.5)`): EXPO's extrapolation strengths, >= 0.
+        alphas (`Sequence[float]` or `"auto"`, *optional*, defaults to `(0.1, ..., 0.5)`): EXPO's extrapolation
+            strengths, >= 0; `"auto"`: the default grid, then each EXPO line on past it (0.6, 0.8, 1.0, 1.5, 2.0:
+            `strategies.AUTO_EXTENSION`) while its score still rises by more than the noise (the confidence interval
+            of the gain with per-item scores, any gain without), stopping at the first clear fall. The report
+            records the alphas scored.
         betas (`Sequence[float]`, *optional*, defaults to `(0.1, ..., 0.9)`): ExMe's merge weights, in [0, 1].
         choose_from (`str`, *optional*, defaults to `"all"`): `"all"` candidates, or `"exme"` merges only.
         baselines (`bool`, *optional*, defaults to `False`): also score the weighted, TIES and DARE merges.
@@ -80,7 +87,13 @@ class SearchSettings:
         seed (`int`, *optional*, defaults to 0): the seed of the draws, of the DARE masks and of the bootstrap.
     """
 
-    alphas: Sequence[float] = _option(DEFAULT_ALPHAS, "extrapolation strengths", type=float, nargs="+")
+    alphas: Sequence[float] | str = _option(
+        DEFAULT_ALPHAS,
+        f"extrapolation strengths (default: {' '.join(f'{a:g}' for a in DEFAULT_ALPHAS)}), or {AUTO}: the default "
+        f"grid, then each EXPO line on through {' '.join(f'{a:g}' for a in AUTO_EXTENSION)} while its score rises",
+        word=AUTO,
+        nargs="+",
+    )
     betas: Sequence[float] = _option(DEFAULT_BETAS, "merge weights of EXPO-1", type=float, nargs="+")
     choose_from: str = _option("all", "candidates the final model is chosen among", choices=tuple(CHOOSE_FROM))
     baselines: bool = _option(False, "also score weighted, TIES and DARE merges for the report")
@@ -89,7 +102,7 @@ class SearchSettings:
     min_gain: float | str | None = _option(
         None,
         "keep the best checkpoint unless a candidate's gain clears this (default: the paper's argmax)",
-        type="min_gain",
+        word="significant",
         metavar="GAIN|significant",
     )
     strategy: str | Strategy = _option(
@@ -109,7 +122,7 @@ class SearchSettings:
     seed: int = _option(0, "seed of the draws and of the DARE masks", "strategy", type=int)
 
     def __post_init__(self):
-        object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0))
+        object.__setattr__(self, "alphas", validate_grid("alphas", self.alphas, low=0.0, auto=True))
         object.__setattr__(self, "betas", validate_grid("betas", self.betas, low=0.0, high=1.0))
         for f in fields(self):
             if "choices" in f.metadata and not (f.name == "strategy" and isinstance(self.strategy, Strategy)):
@@ -190,16 +203,22 @@ def _not_real(value) -> bool:
     return not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
 
 
-def validate_grid(name: str, values: Iterable[float], low: float, high: float = math.inf) -> tuple[float, ...]:
-    """Check a hyper-parameter grid: a non-empty sequence of distinct finite numbers in `[low, high]`."""
+def validate_grid(
+    name: str, values: Iterable[float] | str, low: float, high: float = math.inf, auto: bool = False
+) -> tuple[float, ...] | str:
+    """Check a hyper-parameter grid: a non-empty sequence of distinct finite numbers in `[low, high]` (or, with
+    `auto`, the string `"auto"`, returned as it is)."""
+    if auto and isinstance(values, str) and values == AUTO:
+        return AUTO
+    either = f" or {AUTO!r}" if auto else ""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise InputTypeError(f"`{name}` must be a sequence of numbers, got {values!r}")
+        raise InputTypeError(f"`{name}` must be a sequence of numbers{either}, got {values!r}")
     grid = tuple(values)
     bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
     if not grid or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high for v in grid
     ):
-        raise InputError(f"`{name}` must be a non-empty sequence of finite numbers {bounds}, got {values!r}")
+        raise InputError(f"`{name}` must be a non-empty sequence of finite numbers {bounds}{either}, got {values!r}")
     if len(set(grid)) != len(grid):
         raise InputError(f"`{name}` must not repeat a value, got {values!r}")
     return tuple(float(v) for v in grid)

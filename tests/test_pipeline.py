@@ -350,3 +350,56 @@ def test_run_scores_the_checkpoints_and_the_base_then_runs_a_custom_strategy(tmp
     saved = RegressionModel.from_pretrained(tmp_path / "exme")
     assert closeness(*closeness_weights(saved)) == pytest.approx(report.final.score, abs=1e-6)
     assert closeness_weights(model) == (float(TRAINED["a"]), float(TRAINED["b"]))  # the trained weights, back
+
+
+# ---- alphas="auto" -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("items", [True, False], ids=["per-item", "aggregate"])
+def test_auto_alphas_extend_each_line_to_its_optimum_and_the_report_records_them(tmp_path, items):
+    """The evaluator rewards closeness to EXPO-1 at alpha1 = 1.0 (c = (2, 0)); on EXPO-2's line the closest point
+    is c2 = 1.76 (alpha2 = 0.76). Each line goes on past the grid and stops at its first fall."""
+    target = point(2.0, 0.0)
+
+    def near(weights):
+        return -((weights[0] - target[0]) ** 2 + (weights[1] - target[1]) ** 2)
+
+    calls = []
+
+    def evaluator(model):
+        calls.append(closeness_weights(model))
+        value = near(calls[-1])
+        return {"closeness": [value + e for e in NOISE] if items else value}
+
+    model = trained_model()
+    plane = DensePlane(trainable_tensors(model), BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    checkpoints = [
+        Checkpoint(step, near(point(*c)), items={"closeness": [near(point(*c)) + e for e in NOISE]} if items else {})
+        for step, c in ((10, (1, 0)), (20, (0, 1)))
+    ]
+    scorer = Scorer(evaluator, Objective({"closeness": True}))
+    output = Output(str(tmp_path / "exme"), show_progress=False)
+    settings = SearchSettings(alphas="auto", betas=BETAS)
+    report = pipeline.run(model, plane, checkpoints, scorer, output, settings=settings)
+
+    expo = [c for c in report.candidates if c.kind == "expo"]
+    assert [c.alpha1 for c in expo if "alpha1" in c.hyper] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5]
+    assert [c.alpha2 for c in expo if "alpha2" in c.hyper] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+    assert len(calls) == 9 + 8 + len(BETAS)
+    assert {(c.alpha1, c.alpha2) for c in report.candidates if c.kind == "exme"} == {(1.0, 0.8)}
+    written = json.loads((tmp_path / "exme" / "exme_report.json").read_text())
+    assert written["alphas"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5]  # the alphas scored
+    if items:  # the evaluations the search spent, with no grid to compare with
+        assert written["item_evaluations"] == written["grid_item_evaluations"] == len(calls) * len(NOISE)
+
+
+def test_a_failed_auto_sweep_records_the_alphas_it_scored(tmp_path):
+    model = trained_model()
+    plane = DensePlane(trainable_tensors(model), BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    checkpoints = [Checkpoint(10, closeness(*point(1, 0))), Checkpoint(20, closeness(*point(0, 1)))]
+    scorer = Scorer(CountingEvaluator(fail_at=3), Objective({"closeness": True}))  # breaks at alpha1 = 0.3
+    output = Output(str(tmp_path / "exme"), show_progress=False)
+    with pytest.raises(RuntimeError, match="evaluator broke"):
+        pipeline.run(model, plane, checkpoints, scorer, output, settings=SearchSettings(alphas="auto"))
+    failed = json.loads((tmp_path / "exme-failed" / "exme_report.json").read_text())
+    assert failed["alphas"] == [0.1, 0.2]

@@ -4,10 +4,10 @@ import math
 import numpy
 import pytest
 
-from exme_callback.candidates import Candidate, Checkpoint
+from exme_callback.candidates import Candidate, Checkpoint, best
 from exme_callback.report import Report
 from exme_callback.report.figure import DODGE, figure
-from exme_callback.strategies import Baselines, ExMe
+from exme_callback.strategies import Baselines, ExMe, edge_notices, run_strategy, scored_alphas
 
 
 def make_report(heldout=True):
@@ -159,3 +159,70 @@ def test_summary_of_a_choice_off_the_span():
     assert "chose mixup (lambda=0.3, density=0.7)" in message and logs["exme/score"] == 0.3
     assert not any(key.startswith("exme/c") for key in logs)
     assert report.mergekit_recipe() is None  # no task-arithmetic recipe for a sparsified merge
+
+
+def edge_report(alphas="default", greater_is_better=True):
+    """The ExMe strategy's candidates on a score whose EXPO-1 peak (alpha1 = 1.0) is beyond the default grid,
+    EXPO-2's inside it (alpha2 = 0.2), and whose merges improve up to beta = 0.9, as a report."""
+
+    def score(candidate):
+        c1, c2 = candidate.coefficients
+        value = -((c1 - 2.0) ** 2) - (c2 - 1.2) ** 2 if candidate.kind == "expo" else c1 - c2
+        candidate.score = value if greater_is_better else -value
+        return candidate
+
+    kept = [Checkpoint(40, score(Candidate("expo", (1.0, 0.0))).score), Checkpoint(30, -2.0)]
+    strategy = ExMe() if alphas == "default" else ExMe(alphas)
+    candidates = run_strategy(strategy, kept, score, greater_is_better)
+    return Report(
+        metric="score",
+        greater_is_better=greater_is_better,
+        checkpoints=kept,
+        candidates=candidates,
+        final=best(candidates, greater_is_better),
+        alphas=scored_alphas(candidates),
+        betas=strategy.betas,
+        choose_from="all",
+        table=strategy.rows(candidates, greater_is_better),
+    )
+
+
+def test_a_best_at_the_edge_of_the_grid_is_said_under_the_table_and_in_the_model_card(tmp_path):
+    report = edge_report()
+    notices = edge_notices(report.candidates, True)
+    assert notices == [
+        "alpha1=0.5 is the largest alpha tried; the score was still rising",
+        "beta=0.9 is the largest beta tried; the score was still rising",
+    ]  # alpha2's best (0.2) is inside its grid
+    report.write(str(tmp_path))
+    line = f"At the edge of the search: {'; '.join(notices)} (the best may lie beyond)."
+    markdown = (tmp_path / "exme_report.md").read_text().splitlines()
+    table_end = max(i for i, text in enumerate(markdown) if text.startswith("| "))
+    assert markdown[table_end + 1 : table_end + 3] == ["", line]  # one line under the table
+    assert line in (tmp_path / "README.md").read_text().splitlines()
+    # A loss says "falling"; the smallest beta is an edge too.
+    loss = edge_report(greater_is_better=False)
+    assert (
+        edge_notices(loss.candidates, False)[0] == "alpha1=0.5 is the largest alpha tried; the score was still falling"
+    )
+    for c in loss.candidates:
+        if c.kind == "exme":
+            c.score = c.beta
+    assert edge_notices(loss.candidates, False)[-1] == (
+        "beta=0.1 is the smallest beta tried; the score was still falling as beta decreased"
+    )
+
+
+def test_auto_alphas_leave_no_alpha_at_the_edge_and_the_report_records_them(tmp_path):
+    report = edge_report(alphas="auto")
+    assert report.alphas == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5)
+    assert edge_notices(report.candidates, True) == ["beta=0.9 is the largest beta tried; the score was still rising"]
+    report.write(str(tmp_path))
+    assert json.loads((tmp_path / "exme_report.json").read_text())["alphas"] == list(report.alphas)
+    assert "alpha1=" not in (tmp_path / "exme_report.md").read_text().split("At the edge of the search:")[1]
+    # No notice when the best is inside, for a stage with one value, or for a tie.
+    inside = [c for c in report.candidates if c.kind != "exme"]
+    assert edge_notices(inside, True) == []
+    assert edge_notices([c for c in report.candidates if c.kind == "exme"][-1:], True) == []
+    flat = [Candidate("exme", (0.5, 0.5), hyper={"beta": b}, score=1.0) for b in (0.1, 0.5, 0.9)]
+    assert edge_notices(flat, True) == []

@@ -45,3 +45,22 @@ def test_racing_needs_the_exme_strategy():
         SearchSettings(strategy="mixup", search="racing")
     with pytest.raises(ValueError, match="`search` must be one of"):
         SearchSettings(search="bandit")
+
+
+def test_auto_alphas_are_accepted_by_the_settings_and_the_command_line(monkeypatch, capsys):
+    from exme_callback import cli
+
+    assert SearchSettings(alphas="auto").alphas == "auto"
+    assert SearchSettings(alphas="auto").make_strategy().evaluations(2) is None  # the lines stop where they stop
+    for bad in ("automatic", ["auto", 0.1]):
+        with pytest.raises((TypeError, ValueError), match="`alphas` must be .*or 'auto'"):
+            SearchSettings(alphas=bad)
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda args: seen.append(args.settings))
+    assert cli.main(["run", "RUN_DIR", "--eval-data", "val.jsonl", "--alphas", "auto"]) == 0
+    assert cli.main(["run", "RUN_DIR", "--eval-data", "val.jsonl", "--alphas", "0.2", "1"]) == 0
+    assert [s.alphas for s in seen] == ["auto", (0.2, 1.0)]
+    for alphas, message in ((["auto", "0.1"], "--alphas must be a non-empty"), (["big"], "a number >= 0 or 'auto'")):
+        with pytest.raises(SystemExit):
+            cli.main(["run", "RUN_DIR", "--eval-data", "val.jsonl", "--alphas", *alphas])
+        assert message in capsys.readouterr().err

@@ -9,11 +9,14 @@ from exme_callback.strategies import (
     Baselines,
     ExMe,
     Mixup,
+    Noise,
     Racing,
     TopkGreedy,
     exme_coefficients,
     mixup_draws,
     run_strategy,
+    scored_alphas,
+    walk_line,
 )
 
 
@@ -233,3 +236,132 @@ def test_bracketing_stops_a_line_once_the_score_falls_clearly():
     assert best(group, True).hyper["beta"] == 0.2
     assert {beta for beta, _ in calls} == {0.1, 0.2, 0.3}  # 0.3 falls clearly below 0.2: 0.4, 0.5 never scored
     assert [c.error for c in group[3:]] == ["not scored: bracketing stopped the line at beta=0.3"] * 2
+
+
+def test_a_line_stops_at_its_first_clear_fall_and_extends_only_while_clearly_rising():
+    heights = {0.1: 1.0, 0.2: 3.0, 0.3: 2.0, 0.4: 4.0, 0.5: 5.0, 0.6: 6.0, 0.8: 6.0, 1.0: 9.0}
+    line = [Candidate("expo", (1.0 + a,), hyper={"alpha1": a}) for a in heights]
+    calls = []
+
+    def score(candidate):
+        calls.append(candidate.alpha1)
+        candidate.score = heights[candidate.alpha1]
+
+    noise = Noise(greater_is_better=True)
+    assert walk_line(line, score, noise, grid=5, bracket=False) == 7  # 0.8 only ties 0.6: 1.0 is never scored
+    assert calls == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
+    calls.clear()
+    assert walk_line(line, score, noise, grid=5) == 3 and calls == [0.1, 0.2, 0.3]  # 0.3 falls below 0.2
+    calls.clear()
+    assert walk_line(line, score, Noise(greater_is_better=False), grid=2, bracket=False) == 2  # a loss: 0.2 fell
+
+
+def test_noise_is_the_gain_interval_with_items_and_the_score_difference_without():
+    a = Candidate("expo", (1.1,), score=0.75, items={"acc": [1.0, 1.0, 0.0, 1.0] * 50})
+    b = Candidate("expo", (1.2,), score=0.5, items={"acc": [1.0, 0.0, 0.0, 1.0] * 50})
+    noisy = Candidate("expo", (1.3,), score=0.76, items={"acc": [1.0, 1.0, 1.0, 0.0] * 50})
+    with_items = Noise(True, {"acc": 1.0})
+    assert (with_items.compare(a, b), with_items.compare(b, a)) == (1, -1) and with_items.clearly_below(b, a)
+    assert with_items.compare(noisy, a) == 0 and not with_items.clearly_below(noisy, a)  # a gain in the noise
+    without = Noise(True)  # no weights: the scores decide, any difference is clear
+    assert without.compare(noisy, a) == 1 and without.gain(noisy, a) == pytest.approx((0.01, 0.01))
+    assert without.clearly_below(Candidate("expo", (1.4,), score=math.nan, error="non-finite"), a)
+
+
+# ---- alphas="auto": a line that follows the score ---------------------------------------------------------------
+
+LINE1 = {0.1: 0.50, 0.2: 0.55, 0.3: 0.60, 0.4: 0.65, 0.5: 0.70, 0.6: 0.75, 0.8: 0.80, 1.0: 0.85, 1.5: 0.60, 2.0: 0.4}
+LINE2 = {0.1: 0.60, 0.2: 0.65, 0.3: 0.62, 0.4: 0.55, 0.5: 0.50}  # its peak is inside the grid
+
+
+def accuracy(candidate, line1=LINE1):
+    """Known accuracies: EXPO-1's peak at alpha = 1.0, beyond the default grid; EXPO-2's at 0.2; merges by beta."""
+    if "beta" in candidate.hyper:
+        return 0.5 + 0.1 * candidate.beta
+    return line1[candidate.alpha1] if "alpha1" in candidate.hyper else LINE2[candidate.alpha2]
+
+
+def accuracy_scorer(items=True, n=400, line1=LINE1):
+    """0/1 scores of `n` items of evenly spread difficulties, item j solved when its difficulty is below the
+    accuracy (shared by all candidates: the comparisons are paired); with `items=False` only their mean."""
+    difficulty = [(j + 0.5) / n for j in range(n)]
+    calls = []
+
+    def score(candidate):
+        calls.append(dict(candidate.hyper))
+        solved = [float(u < accuracy(candidate, line1)) for u in difficulty]
+        candidate.score, candidate.items = sum(solved) / n, ({"acc": solved} if items else {})
+        return candidate
+
+    return score, calls
+
+
+def auto_sweep(score, **search):
+    kept = [Checkpoint(40, 0.45, items={"acc": [1.0] * 180 + [0.0] * 220}), Checkpoint(30, 0.40)]
+    return run_strategy(ExMe("auto"), kept, score, True, weights={"acc": 1.0}, **search)
+
+
+@pytest.mark.parametrize("items", [True, False], ids=["per-item", "aggregate"])
+def test_auto_alphas_follow_the_score_past_the_grid_and_stop_at_the_first_clear_fall(items):
+    score, calls = accuracy_scorer(items)
+    results = auto_sweep(score)
+    line1 = [c.alpha1 for c in results if c.kind == "expo" and "alpha1" in c.hyper]
+    line2 = [c.alpha2 for c in results if c.kind == "expo" and "alpha2" in c.hyper]
+    assert line1 == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5]  # 1.5 falls clearly: 2.0 is never scored
+    assert line2 == [0.1, 0.2, 0.3, 0.4, 0.5]  # the grid's last point fell: no extension
+    assert len(calls) == 9 + 5 + 9 and ExMe("auto").evaluations(2) is None
+    merges = [c for c in results if c.kind == "exme"]
+    assert {(m.alpha1, m.alpha2) for m in merges} == {(1.0, 0.2)}  # the optimum beyond the grid is reached
+    assert scored_alphas(results) == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5)
+    grid = run_strategy(ExMe(), [Checkpoint(40, 0.45), Checkpoint(30, 0.40)], accuracy_scorer(items)[0], True)
+    assert best([c for c in grid if c.kind == "expo"], True).alpha1 == 0.5 and len(grid) == 2 + 19  # the edge
+
+
+def test_auto_alphas_stop_at_a_rise_within_the_noise_of_the_items():
+    plateau = {**LINE1, 0.6: 0.7025}  # one item more than 0.5: a gain, but not more than the noise of 400 items
+    with_items, calls = accuracy_scorer(line1=plateau)
+    line1 = [c.alpha1 for c in auto_sweep(with_items) if c.kind == "expo" and "alpha1" in c.hyper]
+    assert line1 == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] and len(calls) == 6 + 5 + 9
+    aggregate, calls = accuracy_scorer(items=False, line1=plateau)  # without items any gain goes on
+    line1 = [c.alpha1 for c in auto_sweep(aggregate) if c.kind == "expo" and "alpha1" in c.hyper]
+    assert line1 == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5] and len(calls) == 9 + 5 + 9
+
+
+def test_racing_with_auto_alphas_brackets_and_extends_the_same_line():
+    n = 2000  # the first round's eighth of the items (250) sees the 0.05 steps of LINE1 clearly
+    difficulty = [(j + 0.5) / n for j in range(n)]
+    calls = []
+
+    def evaluate(candidate, request):
+        calls.append(dict(candidate.hyper))
+        return {"acc": [float(difficulty[i] < accuracy(candidate)) for i in request["acc"]]}
+
+    race = Racing(evaluate, {"acc": n}, lambda m: m["acc"], {"acc": 1.0}, greater_is_better=True)
+    results = auto_sweep(lambda c: c, race=race)
+    line1 = [c for c in results if c.kind == "expo" and "alpha1" in c.hyper]
+    line2 = [c for c in results if c.kind == "expo" and "alpha2" in c.hyper]
+    assert [c.alpha1 for c in line1] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5]
+    assert best(line1, True).alpha1 == 1.0 and best(line1, True).score == pytest.approx(0.85)
+    # EXPO-2 falls clearly at 0.3 in the first round: 0.4 and 0.5 are never scored, nor is the line extended.
+    assert [c.error for c in line2[3:]] == ["not scored: bracketing stopped the line at alpha2=0.3"] * 2
+    assert {c["alpha2"] for c in calls if "alpha2" in c} == {0.1, 0.2, 0.3}
+    assert not any(c.get("alpha1") == 2.0 for c in calls)
+    assert {(m.alpha1, m.alpha2) for m in results if m.kind == "exme"} == {(1.0, 0.2)}
+
+
+def test_the_log_warns_of_a_best_at_the_edge_and_auto_alphas_take_the_alpha_off_it(caplog):
+    kept = [Checkpoint(40, 0.45), Checkpoint(30, 0.40)]
+    with caplog.at_level("WARNING", logger="exme_callback.strategies.exme"):
+        run_strategy(ExMe(), kept, accuracy_scorer(items=False)[0], True)
+    assert caplog.messages == [
+        "ExMe: at the edge of the search: alpha1=0.5 is the largest alpha tried; the score was still rising; "
+        "beta=0.9 is the largest beta tried; the score was still rising (the best may lie beyond; "
+        '`alphas="auto"` extends the lines).'
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="exme_callback.strategies.exme"):
+        auto_sweep(accuracy_scorer()[0])
+    assert caplog.messages == [
+        "ExMe: at the edge of the search: beta=0.9 is the largest beta tried; the score was still rising (the best "
+        "may lie beyond)."
+    ]

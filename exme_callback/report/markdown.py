@@ -1,5 +1,6 @@
 """`exme_report.md`: the ExMe paper's Table 1 for one sweep, with the gains over the best checkpoint and their
-intervals, the kinship of the merged pairs and the strategy's own notes."""
+intervals, a line when a stage's best sits at the edge of what it tried, the kinship of the merged pairs and the
+strategy's own notes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..kinship import METRICS as KINSHIP
 from ..scoring import metric_key
+from ..strategies import edge_notices
 
 if TYPE_CHECKING:
     from ..candidates import Candidate
@@ -61,6 +63,7 @@ def to_markdown(report: Report) -> str:
             gain = _gain(c.heldout_score, ref, report.heldout_greater_is_better)
             cells += [number(c.heldout_score), gain + _interval(c.heldout_interval)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _edge_lines(report)
     skipped = [c for c in report.candidates if not c.valid]
     if skipped:
         lines += ["", "Skipped candidates (never chosen):", ""]
@@ -98,6 +101,12 @@ def _interval_lines(report: Report) -> list[str]:
         rule = "above zero" if report.min_gain == "significant" else f"above {report.min_gain:g}"
         lines.append(f"Chosen with `min_gain={report.min_gain!r}`: a candidate only if its gain is {rule}.")
     return lines
+
+
+def _edge_lines(report: Report) -> list[str]:
+    """One line saying which stage's best sits at the edge of what it tried (`strategies.edge_notices`), if any."""
+    notices = edge_notices(report.candidates, report.greater_is_better)
+    return ["", f"At the edge of the search: {'; '.join(notices)} (the best may lie beyond)."] if notices else []
 
 
 def _kinship_lines(report: Report) -> list[str]:

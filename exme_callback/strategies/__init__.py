@@ -30,12 +30,26 @@ trainer.add_callback(ExMeCallback(trainer, strategy=RandomBox(n=8)))
 
 from .base import Search, Strategy, run_strategy
 from .baselines import DEFAULT_DENSITIES, Baselines
-from .exme import DEFAULT_ALPHAS, DEFAULT_BETAS, ExMe, exme_coefficients
+from .exme import (
+    AUTO,
+    AUTO_CAP,
+    AUTO_EXTENSION,
+    DEFAULT_ALPHAS,
+    DEFAULT_BETAS,
+    ExMe,
+    edge_notices,
+    exme_coefficients,
+    scored_alphas,
+)
+from .line import Noise, walk_line
 from .mixup import Mixup, mixup_draws
 from .racing import RACING_ROUNDS, Racing, item_group
 from .topk_greedy import TopkGreedy
 
 __all__ = [
+    "AUTO",
+    "AUTO_CAP",
+    "AUTO_EXTENSION",
     "DEFAULT_ALPHAS",
     "DEFAULT_BETAS",
     "DEFAULT_DENSITIES",
@@ -44,14 +58,18 @@ __all__ = [
     "Baselines",
     "ExMe",
     "Mixup",
+    "Noise",
     "Racing",
     "Search",
     "Strategy",
     "TopkGreedy",
+    "edge_notices",
     "exme_coefficients",
     "item_group",
     "mixup_draws",
     "run_strategy",
+    "scored_alphas",
+    "walk_line",
 ]
 
 STRATEGIES: dict[str, type[Strategy]] = {"exme": ExMe, "mixup": Mixup, "topk_greedy": TopkGreedy}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..candidates import Candidate, Checkpoint, best
 from ..errors import InputError, UnsupportedError
 from ..merges import Merge
+from .line import Noise, walk_line
 
 __all__ = ["Search", "Strategy", "run_strategy"]
 
@@ -57,10 +58,16 @@ class Search:
         greater_is_better (`bool`): the direction of the score.
         score (`Callable[[Candidate], Candidate]`): evaluates a candidate in place (score, metrics, items; `error`
             for a non-finite score).
-        race (`Callable[[list[Candidate], bool], None]`, *optional*): scores a group of candidates together
-            (`Racing`); without it, a stage is scored one candidate at a time.
+        race (`Callable[..., list[Candidate]]`, *optional*): scores a group of candidates together, `race(group,
+            line=..., extension=...)`, and returns the stage's candidates (`Racing`); without it, a stage is scored
+            one candidate at a time.
         kinship (`Callable[[Sequence[float], Sequence[float], str], float]`, *optional*): the kinship of two points
             of the span (`kinship.Gram.kinship`).
+        weights (`Mapping[str, float]`, *optional*): each metric's weight in a gain (`Objective.gain_weights`): with
+            per-item scores, a line's points are compared by the confidence interval of their gain (`line.Noise`);
+            without, by their scores.
+        level (`float`, *optional*, defaults to 0.95): that interval's confidence level.
+        seed (`int`, *optional*, defaults to 0): its bootstrap's seed.
 
     Attributes:
         checkpoints (`list[Checkpoint]`): as given.
@@ -74,13 +81,17 @@ class Search:
         checkpoints: Sequence[Checkpoint],
         greater_is_better: bool,
         score: Callable[[Candidate], Candidate],
-        race: Callable[..., None] | None = None,
+        race: Callable[..., list[Candidate]] | None = None,
         kinship: Callable[[Sequence[float], Sequence[float], str], float] | None = None,
+        weights: Mapping[str, float] | None = None,
+        level: float = 0.95,
+        seed: int = 0,
     ):
         if not checkpoints:
             raise InputError("A search needs at least one kept checkpoint, got none.")
         self.checkpoints, self.greater_is_better = list(checkpoints), greater_is_better
         self._score, self._race, self._kinship = score, race, kinship
+        self.noise = Noise(greater_is_better, weights, level, seed)
         self.steps = [c.step for c in self.checkpoints]
         self.candidates: list[Candidate] = [
             Candidate(
@@ -124,16 +135,30 @@ class Search:
         self.candidates.append(candidate)
         return candidate
 
-    def score_stage(self, group: list[Candidate], line: bool = False) -> list[Candidate]:
-        """Evaluate a group of candidates that compete with each other (a stage of a search). With
-        `search="racing"` they are raced on growing subsets of the items and the clearly worse stop early (`error`
-        set); `line=True` says the group lies along a line whose score rises then falls, in order, so a race may
-        stop it at the first clear fall. Otherwise each is scored in turn."""
-        if self._race is None:
+    def score_stage(
+        self, group: list[Candidate], line: bool = False, extension: Sequence[Candidate] = ()
+    ) -> list[Candidate]:
+        """Evaluate a group of candidates that compete with each other (a stage of a search); returns the stage's
+        candidates (`group`, then the points of `extension` that were scored).
+
+        With `search="racing"` they are raced on growing subsets of the items and the clearly worse stop early
+        (`error` set). `line=True` says the group lies along a line whose score rises then falls, in order
+        (`line.walk_line`): a race stops it at the first clear fall (`error` set on the points after it), and the
+        points of `extension` continue it past the group only while the newest point scored is clearly above the
+        best before it (more than the noise: the interval of the gain with per-item scores, any gain without),
+        stopping at the first clear fall; the points never reached are not recorded. Otherwise each is scored in
+        turn."""
+        if extension and not line:
+            raise InputError("`extension` continues a line: give `line=True` with it.")
+        if self._race is None and not line:
             return [self.score(candidate) for candidate in group]
+        if self._race is None:  # the grid is scored whole, the extension as far as the line still rises
+            stage = [*group, *extension]
+            return stage[: walk_line(stage, self.score, self.noise, len(group), bracket=False)]
         self.candidates.extend(group)  # scored in place
-        self._race(group, line=line)
-        return group
+        stage = self._race(group, line=line, extension=extension)
+        self.candidates.extend(stage[len(group) :])
+        return stage
 
     def best(self, candidates: Sequence[Candidate] | None = None) -> Candidate | None:
         """The best valid candidate of `candidates` (of everything scored so far by default)."""
@@ -155,8 +180,8 @@ def run_strategy(
     **search,
 ) -> list[Candidate]:
     """Run `strategy` on its own, with `score` standing for the evaluation of the live model (a closed form in a
-    test, say): every candidate it scored, after the kept checkpoints'. `search` takes `Search`'s `race` and
-    `kinship`.
+    test, say): every candidate it scored, after the kept checkpoints'. `search` takes `Search`'s `race`,
+    `kinship`, `weights`, `level` and `seed`.
 
     Example:
 

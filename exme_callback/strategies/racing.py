@@ -4,13 +4,14 @@ stopped early. A way a strategy's stage is scored (`Search.score_stage`), not a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..candidates import Candidate, best
-from ..intervals import gain_interval
+from .line import Noise, walk_line
 
 __all__ = ["RACING_ROUNDS", "Racing", "item_group"]
 
@@ -36,7 +37,9 @@ class Racing:
     first `RACING_ROUNDS[r]` of each group's items in that order (only the items it was not scored on yet), so all
     candidates compared are scored on the same items, and a candidate is never dropped on items the leader was not
     scored on. The last round is all items: the survivors' scores are the grid's, and the stage's winner is the
-    grid's unless the grid's winner was stopped while inside the noise of a smaller subset.
+    grid's unless the grid's winner was stopped while inside the noise of a smaller subset. A line (EXPO's alphas)
+    is walked in the first round as the plain search walks it (`line.walk_line`), with the same rule for a clear
+    fall: its points past the first clear fall are never scored.
 
     Args:
         evaluate (`Callable[[Candidate, dict[str, list[int]]], dict[str, list[float]]]`): scores `candidate` on the
@@ -58,26 +61,30 @@ class Racing:
     seed: int = 0
     item_evaluations: int = 0  # items scored so far, over every candidate
 
-    def __call__(self, group: list[Candidate], line: bool = False) -> None:
-        """Race `group`, scoring its candidates in place. With `line=True` the candidates lie along a line whose
-        score rises then falls (EXPO's alphas, in increasing order): the first round brackets the peak, scoring
-        them in order until one is clearly below the best so far and stopping the rest there unscored."""
+    def __call__(
+        self, group: list[Candidate], line: bool = False, extension: Sequence[Candidate] = ()
+    ) -> list[Candidate]:
+        """Race `group`, scoring its candidates in place; returns the stage's candidates (`group`, then the points of
+        `extension` it scored). With `line=True` the candidates lie along a line whose score rises then falls (EXPO's
+        alphas, in increasing order): the first round walks the line (`line.walk_line`), scoring them in order until
+        one is clearly below the best so far and marking the rest unscored, and past the group scores the points of
+        `extension` while the newest is clearly above the best before it, on that round's items."""
         generator = torch.Generator().manual_seed(self.seed)
         order = {g: torch.randperm(n, generator=generator).tolist() for g, n in sorted(self.sizes.items())}
         scored = {g: [] for g in order}  # the items scored so far, in the order they were scored
-        racing = list(group)
+        racing = [*group, *extension]
+        stage = list(racing)
         for share in RACING_ROUNDS:
             request = {g: sorted(order[g][len(scored[g]) : math.ceil(share * len(order[g]))]) for g in order}
-            for position, candidate in enumerate(racing):
-                self._score(candidate, request)
-                leader = best(racing[: position + 1], self.greater_is_better)
-                if line and share == RACING_ROUNDS[0] and candidate is not leader:
-                    seen = {g: scored[g] + request[g] for g in order}
-                    if self._clearly_below(candidate, leader, seen, stop=False):
-                        for later in racing[position + 1 :]:
-                            later.error = f"not scored: bracketing stopped the line at {_hyper_text(candidate)}"
-                        racing = racing[: position + 1]
-                        break
+            if line and share == RACING_ROUNDS[0]:
+                n = walk_line(racing, partial(self._score, request=request), self.noise, len(group))
+                for later in racing[n : len(group)]:
+                    later.error = f"not scored: bracketing stopped the line at {_hyper_text(racing[n - 1])}"
+                racing = racing[:n]
+                stage = [*group, *racing[len(group) :]]
+            else:
+                for candidate in racing:
+                    self._score(candidate, request)
             for g, items in request.items():
                 scored[g] += items
             leader = best(racing, self.greater_is_better)
@@ -87,6 +94,12 @@ class Racing:
             for metric, items in candidate.items.items():
                 position = scored[item_group(metric)]
                 candidate.items[metric] = [v for _, v in sorted(zip(position, items, strict=True))]
+        return stage
+
+    @property
+    def noise(self) -> Noise:
+        """What "clearly below" means: the gain's interval over the items both were scored on is below zero."""
+        return Noise(self.greater_is_better, self.weights, self.level, self.seed)
 
     def _score(self, candidate: Candidate, request: dict[str, list[int]]) -> None:
         """Score `candidate` on the items of `request` too; its score is over every item it was scored on."""
@@ -99,15 +112,12 @@ class Racing:
         if not math.isfinite(candidate.score):
             candidate.error = f"non-finite score {candidate.score}"
 
-    def _clearly_below(self, candidate, leader, scored: dict[str, list[int]], stop: bool = True) -> bool:
-        """Whether `candidate`'s gain over `leader`, on the items both were scored on, has its interval below zero
-        (or it has no finite score); with `stop`, mark it stopped."""
-        if candidate.valid:
-            high = gain_interval(candidate.items, leader.items, self.weights, self.level, seed=self.seed)[1]
-            if high >= 0:
-                return False
-        if stop:
-            n = sum(map(len, scored.values()))
-            candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
-            candidate.items = {}  # a subset's scores: not comparable with other evaluations
+    def _clearly_below(self, candidate, leader, scored: dict[str, list[int]]) -> bool:
+        """Whether `candidate` is clearly below `leader` on the items both were scored on (`Noise`); if so, mark it
+        stopped."""
+        if not self.noise.clearly_below(candidate, leader):
+            return False
+        n = sum(map(len, scored.values()))
+        candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
+        candidate.items = {}  # a subset's scores: not comparable with other evaluations
         return True
