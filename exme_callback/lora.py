@@ -338,6 +338,9 @@ def merged_state_dict(model, adapter: str) -> dict[str, torch.Tensor]:
         if isinstance(layer, LoraLayer) and (adapter in layer.lora_A or adapter in layer.lora_embedding_A):
             with torch.no_grad():
                 deltas[f"{prefix}.base_layer.weight"] = layer.get_delta_weight(adapter)
+                bias = _lora_bias(layer, adapter)
+                if bias is not None:
+                    deltas[f"{prefix}.base_layer.bias"] = bias
     merged = {}
     for key, tensor in base_model.state_dict().items():
         parts = key.split(".")
@@ -396,6 +399,14 @@ def _effective_weights(dora: dict, adapter: str, tensors: StateDict, parameters:
             with torch.no_grad():
                 weight.copy_(original)  # bit for bit, whatever rounding the unmerge did
     return weights
+
+
+def _lora_bias(layer, adapter: str) -> torch.Tensor | None:
+    """What `lora_bias` adds to a LoRA layer's output (B's bias times the scaling, as PEFT computes and merges it),
+    or None."""
+    if adapter in layer.lora_embedding_A or layer.lora_B[adapter].bias is None:
+        return None
+    return layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
 
 
 def _load(parameters: dict, tensors: StateDict) -> None:

@@ -99,8 +99,9 @@ def test_non_zero_starting_adapter_is_a_third_block(tokenizer):
     plane.close()
 
 
-def test_saved_adapter_and_merged_model_reload_to_the_same_logits(tmp_path, tokenizer):
-    model = lora_model(modules_to_save=["lm_head"])
+@pytest.mark.parametrize("config", [{"modules_to_save": ["lm_head"]}, {"lora_bias": True}], ids=["mts", "lora_bias"])
+def test_saved_adapter_and_merged_model_reload_to_the_same_logits(tmp_path, tokenizer, config):
+    model = lora_model(**config)
     base = {n: t.clone() for n, t in trainable_tensors(model).items()}
     sft1, sft2 = checkpoint(model, 1), checkpoint(model, 2)
     plane = LoraPlane(model, base, [sft1, sft2], base)
