@@ -23,11 +23,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 
 from .candidates import Checkpoint, rank_checkpoints
 from .errors import InputError, MissingFileError, MissingNameError
 from .io import SafetensorsMapping
+from .lora import SAFETENSORS, SAFETENSORS_INDEX, safetensors_files
 from .planes import Plane, make_plane
 from .preflight import check_model
 from .scoring import metric_key
@@ -38,7 +38,7 @@ __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resol
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
-FULL, SHARDED, ADAPTER = "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"
+FULL, SHARDED, ADAPTER = SAFETENSORS, SAFETENSORS_INDEX, "adapter_model.safetensors"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
@@ -190,16 +190,7 @@ def base_of(folder: str) -> str | None:
 
 def _full_tensors(folder: str) -> SafetensorsMapping:
     """A checkpoint's tensors as a mapping that reads one tensor per access."""
-    index_path = os.path.join(folder, SHARDED)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        index = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
-    else:
-        path = os.path.join(folder, FULL)
-        with safe_open(path, framework="pt", device="cpu") as f:
-            index = dict.fromkeys(f.keys(), path)
-    return SafetensorsMapping(index)
+    return SafetensorsMapping(safetensors_files(folder))
 
 
 @dataclass
