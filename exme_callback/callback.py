@@ -84,7 +84,9 @@ class ExMeCallback(TrainerCallback):
             trained weights. For LoRA runs the chosen model is an adapter named `"exme"`, left active.
         save_merged (`bool`, *optional*, defaults to `False`):
             LoRA runs: also save the chosen model fused into the base weights, in `<output_dir>/exme/merged`,
-            beside the adapter (rank `r1 + r2`). DoRA runs are always saved fused.
+            beside the adapter (rank `r1 + r2`). DoRA runs are always saved fused. On a 4-bit or 8-bit base (QLoRA),
+            written from the unquantized base's weights: `base_model`, by default the folder or model id it records.
+        base_model (`str`, *optional*): with `save_merged` on a quantized base, the unquantized base to fuse into.
         evaluate_base (`bool`, *optional*, defaults to `True`): score the base model before training (it checks the
             metric early) for the report's Base row.
         **search:
@@ -123,6 +125,7 @@ class ExMeCallback(TrainerCallback):
         output_dir: str | os.PathLike | None = None,
         load_exme_at_end: bool = False,
         save_merged: bool = False,
+        base_model: str | os.PathLike | None = None,
         evaluate_base: bool = True,
         **search,
     ):
@@ -141,8 +144,9 @@ class ExMeCallback(TrainerCallback):
                 raise InputTypeError(f"`{name}` must be a bool, got {flag!r}")
         if report_metrics is not None and report_evaluator is None:
             raise InputError("`report_metrics` names the metrics of `report_evaluator`, which is not given.")
-        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise InputTypeError(f"`output_dir` must be a path (str or os.PathLike), got {output_dir!r}")
+        for name, path in {"output_dir": output_dir, "base_model": base_model}.items():
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise InputTypeError(f"`{name}` must be a path (str or os.PathLike), got {path!r}")
         self.trainer = trainer
         self.evaluator = TrainerEvaluator(trainer) if evaluator is None else as_evaluator(evaluator, "evaluator")
         self.report_evaluator = None
@@ -153,7 +157,7 @@ class ExMeCallback(TrainerCallback):
         self.heldout_objective = None if report_metrics is None else Objective.from_spec(report_metrics)
         self.settings = SearchSettings(alphas, betas, choose_from, baselines, **search)
         preflight.check_racing(self.evaluator, self.settings)
-        self.storage = storage
+        self.storage, self.base_model = storage, None if base_model is None else os.fspath(base_model)
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.load_exme_at_end, self.save_merged, self.evaluate_base = load_exme_at_end, save_merged, evaluate_base
 
@@ -175,7 +179,7 @@ class ExMeCallback(TrainerCallback):
             raise InputError("ExMeCallback needs the model; add it to a `Trainer`, which passes it to callbacks.")
         uses_trainer = isinstance(self.evaluator, TrainerEvaluator)
         preflight.check_trainer_run(args, self.trainer, needs_eval_dataset=uses_trainer)
-        preflight.check_model(model, save_merged=self.save_merged, settings=self.settings)
+        preflight.check_model(model, self.save_merged, self.settings, self.base_model)
         if state.is_world_process_zero:
             preflight.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
         tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
@@ -280,9 +284,8 @@ class ExMeCallback(TrainerCallback):
         # A sharded model is gathered by `planes.save_pretrained`, whatever the trainer's settings.
         save_model = None if self.trainer is None or self._sharded else self.trainer.save_model
         base, checkpoints = store.load("base"), [store.load(key) for key in kept]
-        return make_plane(
-            model, base, checkpoints, store.load(trained), save_model=save_model, save_merged=self.save_merged
-        )
+        options = {"save_model": save_model, "save_merged": self.save_merged, "base_model": self.base_model}
+        return make_plane(model, base, checkpoints, store.load(trained), **options)
 
     def _output(self, args, state, model, processing_class) -> pipeline.Output:
         return pipeline.Output(

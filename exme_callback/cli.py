@@ -170,6 +170,13 @@ def _add_model_options(group) -> None:
     group.add_argument("--base", help="base model id or folder (default: the base the checkpoints record)")
     group.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
     group.add_argument("--dtype", choices=DTYPES, default="auto", help="the model's dtype (auto: the checkpoint's)")
+    bits = group.add_mutually_exclusive_group()
+    bits.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="LoRA: load the base in 4 bits (NF4, bitsandbytes), as a QLoRA run trained it (default: unquantized)",
+    )
+    bits.add_argument("--load-in-8bit", action="store_true", help="LoRA: load the base in 8 bits (bitsandbytes)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +231,8 @@ def _check_run_usage(parser, args) -> None:
         parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.limit is not None and args.limit <= 0:
         parser.error(f"--limit must be positive, got {args.limit:g}")
+    if (args.load_in_4bit or args.load_in_8bit) and (args.settings.baselines or args.settings.dare is not None):
+        parser.error("--baselines and --dare write dense weights into the base layers, which 4 or 8 bits cannot hold")
 
 
 def _check_apply_usage(parser, args) -> None:
@@ -266,6 +275,12 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
+def _model_options(args) -> dict:
+    """How `load_plane` loads the base: `--dtype`, `--device`, `--load-in-4bit`, `--load-in-8bit`."""
+    quantization = {"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit}
+    return {"dtype": _dtype(args.dtype), "device": args.device, **quantization}
+
+
 def _run(args) -> None:
     """`exme run`: the checkpoints (ranked, or given), the live model and its plane, the scorers, then the
     pipeline, which scores the checkpoints and the base like every candidate."""
@@ -290,7 +305,7 @@ def _run(args) -> None:
             _say(f"Skipped, no longer on disk (save_total_limit?): steps {ranked.missing}")
         folders = [ranked.folders[c.step] for c in ranked.checkpoints]
         steps = [c.step for c in ranked.checkpoints]
-    loaded = load_plane(args.base, folders, dtype=_dtype(args.dtype), device=args.device, save_merged=args.save_merged)
+    loaded = load_plane(args.base, folders, save_merged=args.save_merged, **_model_options(args))
     try:
         scorer = _scorer(args.tasks, args.include_path, args.eval_data, loaded, args)
         check_racing(scorer.evaluator, args.settings)
@@ -322,7 +337,7 @@ def _apply(args) -> None:
     from .io import publish_dir
     from .runs import load_plane
 
-    loaded = load_plane(args.base, args.checkpoint, dtype=_dtype(args.dtype), device=args.device)
+    loaded = load_plane(args.base, args.checkpoint, **_model_options(args))
     plane = loaded.plane
     try:
         plane.apply(tuple(args.coefficients))

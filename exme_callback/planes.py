@@ -124,6 +124,7 @@ def make_plane(
     *,
     save_model: Callable[[str], None] | None = None,
     save_merged: bool = False,
+    base_model: str | None = None,
 ) -> Plane:
     """The plane of `model`: a `LoraPlane` for a PEFT model (an exact adapter), else a `DensePlane` over its
     trainable parameters.
@@ -136,9 +137,11 @@ def make_plane(
         save_model (`Callable[[str], None]`, *optional*): how a full model is saved (defaults to
             `model.save_pretrained`; under FSDP2, of the gathered full state dict, written by the main process).
         save_merged (`bool`, *optional*, defaults to `False`): LoRA: also save the chosen model fused.
+        base_model (`str`, *optional*): LoRA on a quantized base: the unquantized base the fused model is written
+            from (a folder or a cached model id); defaults to the base the model records.
     """
     if is_peft_model(model):
-        return LoraPlane(model, base, checkpoints, trained, save_merged=save_merged)
+        return LoraPlane(model, base, checkpoints, trained, save_merged=save_merged, base_model=base_model)
     save_model = save_model or partial(save_pretrained, model)
     return DensePlane(
         trainable_tensors(model), base, checkpoints, trained, save_model, partial(sharding.reshard, model)

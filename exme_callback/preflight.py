@@ -12,7 +12,7 @@ import torch
 from . import sharding
 from .candidates import Candidate, Checkpoint
 from .errors import InputError, StorageError, UnsupportedError
-from .lora import check_peft_model, is_peft_model
+from .lora import check_fusable, check_peft_model, is_peft_model, is_quantized, unquantized_base
 from .scoring import as_evaluator
 from .settings import SearchSettings
 from .snapshots import trainable_tensors
@@ -41,10 +41,17 @@ def check_trainer_run(args, trainer=None, needs_eval_dataset: bool = False) -> N
         )
 
 
-def check_model(model: torch.nn.Module, save_merged: bool = False, settings: SearchSettings | None = None) -> None:
+def check_model(
+    model: torch.nn.Module,
+    save_merged: bool = False,
+    settings: SearchSettings | None = None,
+    base_model: str | None = None,
+) -> None:
     """Refuse, before any work, a model whose candidates cannot be built: unsupported PEFT set-ups, quantized
     weights outside a LoRA adapter, no trainable parameters, FSDP1, and under FSDP2 the merges that are not
-    elementwise (`settings`' TIES and DARE baselines, DARE-sparsified M^3)."""
+    elementwise (`settings`' TIES and DARE baselines, DARE-sparsified M^3). On a quantized base (QLoRA): DoRA and
+    those merges (they write dense weights into the base layers), and with `save_merged` an unquantized base
+    (`base_model`, else the one the model records) that cannot be found or does not match the model."""
     sharding.check_model(model)
     peft = is_peft_model(model)
     if sharding.is_sharded(model) and peft:
@@ -61,17 +68,41 @@ def check_model(model: torch.nn.Module, save_merged: bool = False, settings: Sea
         )
     if peft:
         check_peft_model(model)
-    quantized = getattr(model, "is_quantized", False) or any(not p.is_floating_point() for p in model.parameters())
-    if quantized and (not peft or save_merged):  # a `PeftModel` answers `is_quantized` for its base model
-        raise UnsupportedError(
-            "ExMe cannot blend quantized weights (int8/4-bit): their values are codes, not numbers to extrapolate. "
-            "Fine-tune a LoRA adapter on the quantized model (QLoRA) without `save_merged`, or load the model "
-            "unquantized."
-        )
+    if is_quantized(model):
+        _check_quantized(model, peft, save_merged, settings, base_model)
     if not trainable_tensors(model):
         raise InputError(
             "ExMe found no trainable parameters in the model (all have `requires_grad=False`): nothing to extrapolate."
         )
+
+
+def _check_quantized(model, peft: bool, save_merged: bool, settings, base_model: str | None) -> None:
+    """The refusals for a quantized model: its weights are codes, so only a LoRA adapter on it is blended."""
+    if not peft:
+        raise UnsupportedError(
+            "ExMe cannot blend quantized weights (int8/4-bit): their values are codes, not numbers to extrapolate. "
+            "Fine-tune a LoRA adapter on the quantized model (QLoRA), or load the model unquantized."
+        )
+    if model.peft_config[model.active_adapter].use_dora:
+        raise UnsupportedError(
+            "ExMe blends DoRA modules as dense weights, which a quantized base layer cannot hold. Train LoRA on the "
+            "quantized model (QLoRA), or DoRA on the model loaded unquantized."
+        )
+    if settings is not None and (settings.baselines or settings.dare is not None):
+        raise UnsupportedError(
+            "On a quantized base, neither `baselines=True` nor `dare=` is supported: TIES and DARE merges are not "
+            "low-rank, and ExMe writes them into the base layers as dense weights, which quantized layers cannot "
+            "hold. Leave them unset, or load the model unquantized."
+        )
+    if save_merged:
+        method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        method = getattr(method, "quant_method", None)
+        if method != "bitsandbytes":
+            raise UnsupportedError(
+                f"`save_merged=True` on a quantized model supports bitsandbytes quantization (4-bit, 8-bit), got "
+                f"{method}. Save the adapter (without `save_merged`) and fuse it into the unquantized base."
+            )
+        check_fusable(model, model.active_adapter, unquantized_base(model, base_model))
 
 
 def check_items(evaluations: Sequence[Checkpoint | Candidate], settings: SearchSettings) -> None:

@@ -23,11 +23,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 
 from .candidates import Checkpoint, rank_checkpoints
-from .errors import InputError, MissingFileError, MissingNameError
+from .errors import InputError, MissingExtraError, MissingFileError, MissingNameError, UnsupportedError
 from .io import SafetensorsMapping
+from .lora import SAFETENSORS, SAFETENSORS_INDEX, safetensors_files
 from .planes import Plane, make_plane
 from .preflight import check_model
 from .scoring import metric_key
@@ -38,7 +38,7 @@ __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resol
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
-FULL, SHARDED, ADAPTER = "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"
+FULL, SHARDED, ADAPTER = SAFETENSORS, SAFETENSORS_INDEX, "adapter_model.safetensors"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
@@ -190,16 +190,7 @@ def base_of(folder: str) -> str | None:
 
 def _full_tensors(folder: str) -> SafetensorsMapping:
     """A checkpoint's tensors as a mapping that reads one tensor per access."""
-    index_path = os.path.join(folder, SHARDED)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        index = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
-    else:
-        path = os.path.join(folder, FULL)
-        with safe_open(path, framework="pt", device="cpu") as f:
-            index = dict.fromkeys(f.keys(), path)
-    return SafetensorsMapping(index)
+    return SafetensorsMapping(safetensors_files(folder))
 
 
 @dataclass
@@ -213,13 +204,18 @@ class LoadedRun:
     base: str
 
 
-def _load_base(base: str, model_class, dtype: torch.dtype | None, device: str):
-    """The base model, from a model id or folder (a folder holding one GGUF file and no config is read with it)."""
+def _load_base(base: str, model_class, dtype: torch.dtype | None, device: str, quantization=None):
+    """The base model, from a model id or folder (a folder holding one GGUF file and no config is read with it),
+    quantized on loading with a `quantization` config (bitsandbytes)."""
     kwargs = {"dtype": dtype or "auto"}
     if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "config.json")):
         ggufs = sorted(glob.glob(os.path.join(base, "*.gguf")))
         if len(ggufs) == 1:
             kwargs = {"gguf_file": os.path.basename(ggufs[0]), "dtype": dtype or torch.float32}
+    if quantization is not None:
+        if "gguf_file" in kwargs:
+            raise UnsupportedError(f"--load-in-4bit/--load-in-8bit: {base} is a GGUF file; give a safetensors base.")
+        kwargs.update(quantization_config=quantization, device_map={"": device})  # placed on loading
     try:
         model = model_class.from_pretrained(base, **kwargs)
     except OSError as error:
@@ -231,7 +227,28 @@ def _load_base(base: str, model_class, dtype: torch.dtype | None, device: str):
         # transformers dequantizes GGUF weights to plain tensors but leaves its quantizer marker on the model.
         model.hf_quantizer, model.is_quantized = None, False
         model.config.__dict__.pop("quantization_config", None)
-    return model.to(device), kwargs.get("gguf_file")
+    return (model if quantization is not None else model.to(device)), kwargs.get("gguf_file")
+
+
+def _quantization(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype | None):
+    """The bitsandbytes config of `--load-in-4bit` (NF4, QLoRA's data type, computing in `dtype`, else float32) or
+    `--load-in-8bit`; None for neither."""
+    if load_in_4bit and load_in_8bit:
+        raise InputError("Give one of `load_in_4bit` and `load_in_8bit`, not both.")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        message = "Loading the base in 4 or 8 bits needs bitsandbytes: pip install bitsandbytes"
+        raise MissingExtraError(message) from None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.float32
+    )
 
 
 def _tokenizer(base: str, folders: list[str], gguf_file: str | None):
@@ -254,6 +271,8 @@ def load_plane(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     save_merged: bool = False,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
 ) -> LoadedRun:
     """Load the base model once and build the plane of the checkpoints in `folders` (best first) over it.
 
@@ -266,6 +285,10 @@ def load_plane(
         dtype (`torch.dtype`, *optional*): the live model's dtype; defaults to the checkpoint's own.
         device (`str`, *optional*, defaults to `"cpu"`): where the live model runs.
         save_merged (`bool`, *optional*, defaults to `False`): LoRA: the plane also saves the fused model.
+        load_in_4bit (`bool`, *optional*, defaults to `False`): LoRA: load the base quantized to 4 bits (NF4, with
+            bitsandbytes), as a QLoRA run trained it; by default it is loaded unquantized. The fused model is
+            written from the unquantized base's weights all the same.
+        load_in_8bit (`bool`, *optional*, defaults to `False`): LoRA: load the base quantized to 8 bits.
 
     Raises:
         `FileNotFoundError`: a missing or pickled-only checkpoint, or a base that cannot be loaded offline.
@@ -277,6 +300,9 @@ def load_plane(
     if len(set(kinds.values())) > 1:
         raise InputError(f"The checkpoints mix full models and LoRA adapters: {kinds}. Give checkpoints of one run.")
     adapter = kinds[folders[0]] == "adapter"
+    quantization = _quantization(load_in_4bit, load_in_8bit, dtype)
+    if quantization is not None and not adapter:
+        raise InputError("--load-in-4bit/--load-in-8bit are for LoRA checkpoints: full checkpoints are blended whole.")
     base = base or base_of(folders[0])
     if base is None:
         raise InputError(f"{folders[0]} does not record its base model: give it with --base.")
@@ -286,7 +312,7 @@ def load_plane(
         with open(os.path.join(folders[0], "config.json")) as f:
             architectures = json.load(f).get("architectures") or ["AutoModelForCausalLM"]
         model_class = getattr(transformers, architectures[0], transformers.AutoModelForCausalLM)
-    model, gguf_file = _load_base(base, model_class, dtype, device)
+    model, gguf_file = _load_base(base, model_class, dtype, device, quantization)
     tokenizer = _tokenizer(base, folders, gguf_file)
     if adapter:
         model, base_tensors, checkpoints = _adapters(model, folders)
@@ -306,8 +332,8 @@ def load_plane(
                         f"{folder}: tensor `{name}` has shape {tensors.shape(name)} but {tuple(tensor.shape)} in "
                         f"the base model {base}: they are different architectures."
                     )
-    check_model(model, save_merged=save_merged)
-    plane = make_plane(model, base_tensors, checkpoints, base_tensors, save_merged=save_merged)
+    check_model(model, save_merged=save_merged, base_model=base)
+    plane = make_plane(model, base_tensors, checkpoints, base_tensors, save_merged=save_merged, base_model=base)
     return LoadedRun(model, tokenizer, plane, adapter, base)
 
 

@@ -238,6 +238,7 @@ def test_non_finite_scores_are_skipped_and_reported(tmp_path, regression):
         ({"metrics": {"eval_loss": "lower"}}, ValueError, "`metrics` must map metric names to 'max' or 'min'"),
         ({"load_exme_at_end": "yes"}, TypeError, "`load_exme_at_end` must be a bool"),
         ({"evaluator": 3}, TypeError, "`evaluator` must be a callable"),
+        ({"base_model": 3}, TypeError, r"`base_model` must be a path \(str or os.PathLike\), got 3"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):

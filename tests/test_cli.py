@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
@@ -27,13 +28,15 @@ from exme_callback.evaluators import LossEvaluator
 pytestmark = pytest.mark.slow
 
 
-def finished_run(tmp_path, tokenizer, lora: bool):
+def finished_run(tmp_path, tokenizer, lora: bool, quantized: bool = False):
     """A Trainer run with ExMeCallback scoring by the eval loss on a jsonl file (which `exme run --eval-data` reads),
-    checkpoints every evaluation, `save_total_limit=2`. Returns the run folder, the data file and the callback."""
+    checkpoints every evaluation, `save_total_limit=2`; `quantized`: QLoRA, the adapter trained on the base loaded
+    in 4 bits (NF4). Returns the run folder, the data file and the callback."""
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
-    make_llama().save_pretrained(base_dir)
+    make_llama(**(QUANTIZABLE if quantized else {})).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)  # records its base, as a hub model would
+    quantization = {"quantization_config": BitsAndBytesConfig(**NF4)} if quantized else {}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **quantization)  # records its base, as a hub model would
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -63,10 +66,57 @@ def finished_run(tmp_path, tokenizer, lora: bool):
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
-    callback = ExMeCallback(trainer, evaluator=LossEvaluator(str(data), tokenizer), baselines=True)
+    callback = ExMeCallback(trainer, evaluator=LossEvaluator(str(data), tokenizer), baselines=not quantized)
     trainer.add_callback(callback)
     trainer.train()
     return run_dir, data, callback
+
+
+NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+QUANTIZABLE = {"hidden_size": 64, "intermediate_size": 128}  # bitsandbytes' 4-bit CPU kernels pack 32 rows
+
+
+def test_exme_run_on_a_qlora_run_loads_the_base_unquantized_or_in_4bit(tmp_path, tokenizer, monkeypatch):
+    """By default the adapters are scored on the unquantized base; `--load-in-4bit` scores them as they were trained,
+    and the fused model (`--merged`) is the same either way, written from the unquantized base's weights."""
+    from peft import PeftModel
+    from test_lora import plain_4bit_kernel
+
+    from exme_callback import lora as exme_lora
+
+    plain_4bit_kernel(monkeypatch)
+    save_fused = exme_lora.save_fused
+    run_dir, data, callback = finished_run(tmp_path, tokenizer, lora=True, quantized=True)
+    trained = [c.score for c in callback.report.checkpoints]  # on the 4-bit base, during training
+    steps = [c.step for c in callback.report.checkpoints]
+    scores = {}
+    for flags in ([], ["--load-in-4bit"]):
+        out = tmp_path / ("exme" + "".join(flags))
+        argv = ["run", str(run_dir), "--eval-data", str(data), "--metric", "exme/checkpoint/eval_loss"]
+        assert main([*argv, "--alphas", "0.5", "--betas", "0.5", "--output-dir", str(out), *flags]) == 0
+        report = json.loads((out / "exme_report.json").read_text())
+        assert [c["step"] for c in report["checkpoints"]] == steps
+        scores[tuple(flags)] = [c["score"] for c in report["checkpoints"]]
+    assert_close(scores[("--load-in-4bit",)], trained, rtol=1e-6, atol=0)
+    evaluate = LossEvaluator(str(data), tokenizer)
+    unquantized = [
+        evaluate(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), folder))
+        for folder in (run_dir / f"checkpoint-{step}" for step in steps)
+    ]
+    assert_close(scores[()], [m["eval_loss"] for m in unquantized], rtol=1e-6, atol=0)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(scores[()], trained, strict=True))  # 4 bits change the model
+
+    # `exme apply --merged`: the fused model, the same bit for bit, written from the unquantized base's weights.
+    fused_from_the_base = []
+    monkeypatch.setattr(exme_lora, "save_fused", lambda *args: fused_from_the_base.append(save_fused(*args)))
+    applied = {flag: tmp_path / f"applied{flag}" for flag in ("", "--load-in-4bit")}
+    for flag, out in applied.items():
+        checkpoints = [arg for step in steps for arg in ("--checkpoint", str(run_dir / f"checkpoint-{step}"))]
+        argv = ["apply", *checkpoints, "--coefficients", "0.7", "0.5", "--merged", str(out)]
+        assert main([*argv, *([flag] if flag else [])]) == 0
+        assert len(fused_from_the_base) == bool(flag)
+    ours, theirs = (load_file(folder / "model.safetensors") for folder in applied.values())
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -193,6 +243,11 @@ def test_usage_errors_exit_2(full_run, capsys):
         (["apply", "--checkpoint", "a", "--coefficients", "1", "2", "out"], "one value per --checkpoint"),
         (["apply", "--checkpoint", "a", "--beta", "0.5", "out"], "give --checkpoint twice"),
         (["apply", "--checkpoint", "a", "--coefficients", "1", "--alpha1", "0.2", "out"], "go with --beta"),
+        (["run", str(run_dir), "--eval-data", str(data), "--load-in-4bit", "--baselines"], "--baselines and --dare"),
+        (
+            ["apply", "--checkpoint", "a", "--coefficients", "1", "--load-in-4bit", "--load-in-8bit", "out"],
+            "not allowed",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -256,3 +256,13 @@ def test_load_plane_on_full_checkpoints_one_sharded(tmp_path):
     run.plane.close()  # the live model is the base again, bit for bit
     for name, tensor in trainable_tensors(run.model).items():
         assert torch.equal(tensor, base[name]), name
+
+
+def test_load_plane_quantizes_lora_checkpoints_only(tmp_path):
+    base_dir, sft_dir = tmp_path / "base", tmp_path / "checkpoint-10"
+    make_llama(seed=0).save_pretrained(base_dir)
+    make_llama(seed=1).save_pretrained(sft_dir)
+    with pytest.raises(ValueError, match="--load-in-4bit/--load-in-8bit are for LoRA checkpoints"):
+        load_plane(str(base_dir), [str(sft_dir)], load_in_4bit=True)
+    with pytest.raises(ValueError, match="one of `load_in_4bit` and `load_in_8bit`, not both"):
+        load_plane(str(base_dir), [str(sft_dir)], load_in_4bit=True, load_in_8bit=True)
