@@ -29,10 +29,22 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from .errors import InputError, StorageError
 
-__all__ = ["Flat", "SafetensorsMapping", "flat", "publish_dir"]
+__all__ = [
+    "SAFETENSORS",
+    "SAFETENSORS_INDEX",
+    "Flat",
+    "SafetensorsMapping",
+    "flat",
+    "publish_dir",
+    "read_header",
+    "safetensors_files",
+]
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"  # a checkpoint's weights
 
 
 class Flat(NamedTuple):
@@ -139,9 +151,7 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
 
     def _header(self, path: str) -> tuple[int, dict]:
         if path not in self._headers:
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                self._headers[path] = (8 + size, json.loads(f.read(size)))
+            self._headers[path] = read_header(path)
         return self._headers[path]
 
     def __contains__(self, name: object) -> bool:
@@ -160,6 +170,28 @@ _DTYPES = {  # safetensors' dtype names
     "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+
+
+def read_header(path: str) -> tuple[int, dict]:
+    """Where a safetensors file's data starts, and its header (each tensor's dtype, shape and data offsets)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def safetensors_files(folder: str) -> dict[str, str]:
+    """`{tensor name: file}` of a checkpoint folder's safetensors weights (`model.safetensors`, or the shards that
+    `model.safetensors.index.json` names); empty when it has neither."""
+    index_path = os.path.join(folder, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    path = os.path.join(folder, SAFETENSORS)
+    if not os.path.isfile(path):
+        return {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return dict.fromkeys(f.keys(), path)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ import torch
 from . import sharding
 from .candidates import Candidate, Checkpoint
 from .errors import InputError, StorageError, UnsupportedError
-from .lora import check_fusable, check_peft_model, is_peft_model, is_quantized, unquantized_base
+from .fusing import check_fusable, is_quantized, unquantized_base
+from .lora import check_peft_model, is_peft_model
 from .scoring import as_evaluator
 from .settings import SearchSettings
 from .snapshots import trainable_tensors

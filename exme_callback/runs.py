@@ -26,8 +26,7 @@ import torch
 
 from .candidates import Checkpoint, rank_checkpoints
 from .errors import InputError, MissingExtraError, MissingFileError, MissingNameError, UnsupportedError
-from .io import SafetensorsMapping
-from .lora import SAFETENSORS, SAFETENSORS_INDEX, safetensors_files
+from .io import SAFETENSORS, SAFETENSORS_INDEX, SafetensorsMapping, safetensors_files
 from .planes import Plane, make_plane
 from .preflight import check_model
 from .scoring import metric_key

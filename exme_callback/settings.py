@@ -168,11 +168,6 @@ class SearchSettings:
                 "TIES and DARE merges (`baselines=True`, `dare=`) use PEFT: `pip install 'exme-callback[peft]'`."
             )
 
-    @property
-    def strategy_name(self) -> str:
-        """The strategy's name: the setting, or a custom strategy's `name`."""
-        return self.strategy.name if isinstance(self.strategy, Strategy) else self.strategy
-
     def make_strategy(self) -> Strategy:
         """The strategy these settings run: a built-in one configured from them, or the one given."""
         if isinstance(self.strategy, Strategy):

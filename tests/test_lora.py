@@ -335,7 +335,7 @@ def fused_reference(base_dir, base, points, c):
     """The unquantized base's tensors plus `c1 * d1 + c2 * d2`, in float64 from the adapters' own factors, where
     `d_i` is `s * (B_i A_i - B_0 A_0)` for an adapted weight and `s * (b_i - b_0)` for its `lora_bias`. A dense
     trainable tensor (`modules_to_save`, biases) is the live model's: `t_0 + sum_i c_i (t_i - t_0)` in its dtype."""
-    from exme_callback.lora import safetensors_files
+    from exme_callback.io import safetensors_files
 
     files = safetensors_files(str(base_dir))
     unquantized = {name: load_file(path)[name] for name, path in files.items()}
@@ -370,7 +370,7 @@ def fused_reference(base_dir, base, points, c):
     ids=["4bit", "8bit", "4bit-bfloat16-sharded"],
 )
 def test_qlora_fused_model_is_the_unquantized_base_plus_the_deltas(tmp_path, tokenizer, bits, dtype, save):
-    from exme_callback.lora import safetensors_files
+    from exme_callback.io import safetensors_files
 
     base_dir = tmp_path / "base"
     config = {**QLORA, "modules_to_save": ["lm_head"], "lora_bias": True, "bias": "all"}
@@ -417,7 +417,7 @@ def qlora_model(tmp_path, bias=True):
 def test_qlora_fused_save_finds_its_base_before_training_or_refuses(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from exme_callback.lora import unquantized_base
+    from exme_callback.fusing import unquantized_base
     from exme_callback.preflight import check_model
 
     model = qlora_model(tmp_path)

@@ -110,11 +110,6 @@ class Search:
         """The number of kept checkpoints: the length of every coefficient vector."""
         return len(self.checkpoints)
 
-    @property
-    def racing(self) -> bool:
-        """Whether stages are raced (`search="racing"`)."""
-        return self._race is not None
-
     def point(
         self, kind: str, coefficients: Sequence[float], hyper: dict | None = None, uses: Sequence[int] | None = None
     ) -> Candidate:
