@@ -117,6 +117,17 @@ class Candidate:
     alpha2 = property(lambda self: self.hyper.get("alpha2"), doc="EXPO-2's extrapolation strength.")
     beta = property(lambda self: self.hyper.get("beta"), doc="ExMe's weight of EXPO-1.")
 
+    def record(self, score: float, metrics: dict, items: dict, heldout: bool = False) -> Candidate:
+        """Take an evaluation into the selection fields (the held-out ones with `heldout=True`); a non-finite
+        selection score marks the candidate as not choosable."""
+        if heldout:
+            self.heldout_score, self.heldout_metrics, self.heldout_items = score, metrics, items
+        else:
+            self.score, self.metrics, self.items = score, metrics, items
+            if not math.isfinite(score):
+                self.error = f"non-finite score {score}"
+        return self
+
     def log_values(self) -> dict[str, float]:
         """The score, coefficients and hyper-parameters under `exme/<kind>/` keys, for a trainer's logs."""
         values = {"score": self.score, **{f"c{i + 1}": c for i, c in enumerate(self.coefficients or ())}}

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("exme_callback.pipeline").setLevel(logging.INFO)  # the checkpoints' scores, the choice
+    for name in ("exme_callback.pipeline", "exme_callback.journal"):  # the scores, the choice, a resumed sweep
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         if args.command == "run":
             _check_run_usage(parser, args)

@@ -14,8 +14,10 @@ named steps over one `Sweep`:
 6. publish: the chosen model, its tokenizer, the report, the model card and the mergekit recipe, written to the
    output folder atomically.
 
-A failure writes what was evaluated, with the error, to `<output>-failed/`, never over an earlier result, and the
-plane always puts the trained weights back (unless asked to keep the chosen model).
+Every evaluation of the sweep goes through the journal (`journal.Journal`, `<output>-journal.jsonl`): a sweep
+started again over the same output after a kill or a failure takes what the journal holds and evaluates only the
+rest. A failure writes what was evaluated, with the error, to `<output>-failed/`, never over an earlier result, and
+the plane always puts the trained weights back (unless asked to keep the chosen model).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from . import sharding
 from .candidates import Candidate, Checkpoint, choose
 from .intervals import gain_interval
 from .io import publish_dir
+from .journal import JOURNAL_SUFFIX, Evaluation, Journal, fingerprint
 from .kinship import METRICS, Gram
+from .merges import Merge
 from .planes import Plane
 from .preflight import check_items
 from .report import Report
@@ -145,7 +149,8 @@ class Sweep:
         self.output, self.settings = output, settings
         self.strategy, self.baselines = settings.make_strategy(), settings.make_baselines()
         self.order: list[int] = []  # the plane's block of each checkpoint, in the search's order (best first)
-        self.gram: Gram | None = None  # the kept checkpoints' Gram matrix, in the search's order (`plan`)
+        self.gram: Gram | None = None  # the kept checkpoints' Gram matrix, in the plane's order, then the search's
+        self.journal: Journal | None = None  # the evaluations done, on disk (`open_journal`)
         self.choosable: list[Candidate] = []  # the checkpoints and the strategy's candidates, not the baselines
         self.progress = tqdm(disable=True)
         self.report = Report(
@@ -164,23 +169,28 @@ class Sweep:
             confidence=settings.confidence,
             min_gain=settings.min_gain,
             search=settings.search,
+            seed=settings.seed,
+            gain_weights=scorer.objective.gain_weights(),
         )
         if heldout is not None:
             self.report.heldout_metric = heldout.objective.name
             self.report.heldout_greater_is_better = heldout.objective.greater_is_better
             self.report.heldout_columns = list(heldout.objective.metrics)
+            self.report.heldout_gain_weights = heldout.objective.gain_weights()
 
     def run(
         self, checkpoints: Sequence[Checkpoint], base: Candidate | None = None, score_base: bool = False
     ) -> Report:
         """The steps, in order; the plane is closed whatever happens."""
         try:
+            self.open_journal(checkpoints)
             self.score_rows(list(checkpoints), base, score_base)
             self.plan()
             self.search()
             self.choose()
             self.score_heldout()
             self.publish()
+            self.journal.remove()
         except BaseException as error:
             self.report.error = f"{type(error).__name__}: {error}"
             if not self.report.table:  # the rows of what was scored
@@ -199,18 +209,32 @@ class Sweep:
 
     # ---- the steps ---------------------------------------------------------------------------------------------
 
+    def open_journal(self, checkpoints: Sequence[Checkpoint]) -> None:
+        """0. The journal of this sweep: what an earlier start over the same output evaluated, when it had the same
+        settings, evaluators and checkpoints (their steps, scores and Gram matrix: under FSDP2 and ZeRO-3 each rank
+        measured its shards)."""
+        self.gram = sharding.total(self.plane.gram(), self.model)
+        identity = fingerprint(
+            self.settings,
+            self.scorer.fingerprint(),
+            None if self.heldout is None else self.heldout.fingerprint(),
+            [(c.step, c.score) for c in checkpoints],
+            [f"{x:.6e}" for x in self.gram.inner.flatten().tolist()],
+        )
+        self.journal = Journal(self.output.destination + JOURNAL_SUFFIX, identity, write=self.output.write)
+
     def score_rows(self, checkpoints: list[Checkpoint], base: Candidate | None, score_base: bool) -> None:
         """1. The kept checkpoints not scored yet, and the base, scored like every candidate."""
         k = len(checkpoints)
         for i, checkpoint in enumerate(checkpoints):
             if checkpoint.score is None:
-                self.plane.apply(tuple(float(i == j) for j in range(k)))
-                checkpoint.score, checkpoint.metrics, checkpoint.items = self.scorer(self.model)
+                checkpoint.score, checkpoint.metrics, checkpoint.items = self._evaluate(
+                    tuple(float(i == j) for j in range(k))
+                )
                 name = self.scorer.objective.name
                 logger.info(f"Checkpoint step {checkpoint.step}: {name} = {checkpoint.score:.6g}")
         if base is None and score_base:
-            self.plane.apply((0.0,) * k)
-            base = evaluate_base(self.model, self.scorer, self.settings)
+            base = evaluate_base(self.model, self.scorer, self.settings, evaluation=self._evaluate((0.0,) * k))
         if base is not None:  # scored before the checkpoints were known: the origin of this span
             base.coefficients = (0.0,) * k
         self.report.base, self.report.checkpoints = base, checkpoints
@@ -222,13 +246,13 @@ class Sweep:
             )
 
     def plan(self) -> None:
-        """2. The kinship of the kept checkpoints (under FSDP2 and ZeRO-3 each rank measured its shards) and the
-        order the search sees them in: the best, its merge partner, the others."""
-        gram = sharding.total(self.plane.gram(), self.model)
+        """2. The kinship of the kept checkpoints (`gram`, from `open_journal`) and the order the search sees them
+        in: the best, its merge partner (the second best, or with `partner="kinship"` the best-scoring checkpoint not
+        too related to the best), the others."""
         checkpoints = self.report.checkpoints
-        self.order = search_order(checkpoints, gram, self.settings)
+        self.order = search_order(checkpoints, self.gram, self.settings)
         self.report.checkpoints = [checkpoints[i] for i in self.order]
-        self.gram = gram.permuted(self.order)
+        self.gram = self.gram.permuted(self.order)
         if self.report.sources.get("checkpoints"):
             self.report.sources["checkpoints"] = [self.report.sources["checkpoints"][i] for i in self.order]
         self.report.kinship = {"checkpoints": {m: self.gram.matrix(m) for m in METRICS}, "pairs": []}
@@ -281,8 +305,7 @@ class Sweep:
         rows = [c for c in {id(c): c for _, c in self.report.rows()}.values() if c.heldout_score is None]
         self.progress = tqdm(total=len(rows), desc="ExMe held-out rows", disable=not self.output.show_progress)
         for candidate in rows:
-            self._apply(candidate)
-            self.heldout.score_into(self.model, candidate, heldout=True)
+            candidate.record(*self._evaluate(self._point(candidate), "heldout"), heldout=True)
             self.progress.update()
         rows = [c for _, c in self.report.rows()]
         _intervals(rows, self.report.best_sft, self.heldout.objective, self.settings, heldout=True)
@@ -314,21 +337,38 @@ class Sweep:
         report.table += self.strategy.rows(choosable, gib)
         report.notes = self.strategy.notes(report.candidates)
 
-    def _apply(self, candidate: Candidate) -> None:
-        """Make the live model compute `candidate`: its coefficients (or its merge's checkpoints) are in the search's
-        order, the plane's blocks in the order it was built with."""
+    def _point(self, candidate: Candidate) -> tuple[float, ...] | Merge:
+        """What the plane applies to compute `candidate`: its coefficients (or its merge's checkpoints) are in the
+        search's order, the plane's blocks in the order it was built with."""
         if candidate.on_span:
             point = [0.0] * len(self.order)
             for i, j in enumerate(self.order):
                 point[j] = candidate.coefficients[i]
-            self.plane.apply(tuple(point))
-        else:
-            merge = candidate.merge
-            self.plane.apply(dataclasses.replace(merge, checkpoints=tuple(self.order[i] for i in merge.checkpoints)))
+            return tuple(point)
+        merge = candidate.merge
+        return dataclasses.replace(merge, checkpoints=tuple(self.order[i] for i in merge.checkpoints))
+
+    def _apply(self, candidate: Candidate) -> None:
+        """Make the live model compute `candidate`."""
+        self.plane.apply(self._point(candidate))
+
+    def _evaluate(
+        self, point: tuple[float, ...] | Merge, role: str = "selection", items: dict | None = None
+    ) -> Evaluation:
+        """The selection (or `"heldout"`) evaluation of the model at `point` (on `items` only, for a race): from the
+        journal when an earlier start of this sweep did it, else written into the live model, scored, and
+        journaled before the next evaluation starts."""
+        key = self.journal.key(role, point.to_dict() if isinstance(point, Merge) else point, items)
+        evaluation = self.journal.get(key)
+        if evaluation is None:
+            self.plane.apply(point)
+            scorer = self.heldout if role == "heldout" else self.scorer
+            evaluation = Evaluation(*scorer(self.model, items=items))
+            self.journal.add(key, evaluation)
+        return evaluation
 
     def _score(self, candidate: Candidate) -> Candidate:
-        self._apply(candidate)
-        self.scorer.score_into(self.model, candidate)
+        candidate.record(*self._evaluate(self._point(candidate)))
         if self.output.log is not None and candidate.valid:
             self.output.log(candidate.log_values())
         self.progress.update()
@@ -340,8 +380,7 @@ class Sweep:
         sizes = {item_group(metric): len(items) for metric, items in self.report.checkpoints[0].items.items()}
 
         def evaluate(candidate: Candidate, request: dict[str, list[int]]) -> dict[str, list[float]]:
-            self._apply(candidate)
-            items = self.scorer(self.model, items=request)[2]
+            items = self._evaluate(self._point(candidate), items=request).items
             self.progress.update()
             return items
 
@@ -430,6 +469,9 @@ def _write_failure(report: Report, destination: str) -> None:
     try:
         with publish_dir(destination) as folder:
             report.write(folder)
-        logger.error(f"ExMe: the sweep failed ({report.error}); what it evaluated is in {destination}.")
+        logger.error(
+            f"ExMe: the sweep failed ({report.error}); what it evaluated is in {destination}. Started again over the "
+            "same output, it resumes from its journal."
+        )
     except Exception as error:  # a full disk, say: the original error matters more
         logger.error(f"ExMe: the sweep failed ({report.error}) and its report could not be written: {error}")

@@ -101,6 +101,12 @@ class Evaluator:
         """Take the trainer's tokenizer (its `processing_class`): the callback calls this at train begin. The
         default ignores it."""
 
+    def fingerprint(self) -> dict:
+        """What identifies this evaluator's scores, for the sweep's journal (`journal`): a journal written with
+        another fingerprint is not reused. The default is the class and the public attributes that are plain values
+        (numbers, strings, their lists and dicts); override it when the scores depend on something else (data)."""
+        return {"type": f"{type(self).__module__}.{type(self).__qualname__}", **_plain_attributes(self)}
+
     def __call__(
         self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None
     ) -> Mapping[str, float | Sequence[float]]:
@@ -130,8 +136,29 @@ class FunctionEvaluator(Evaluator):
     def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> Mapping:
         return self.fn(model) if items is None else self.fn(model, items=items)
 
+    def fingerprint(self) -> dict:
+        """The function's qualified name."""
+        fn = self.fn
+        return {
+            "type": "function",
+            "fn": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}",
+        }
+
     def __repr__(self) -> str:
         return f"FunctionEvaluator({self.fn!r})"
+
+
+def _plain_attributes(evaluator: Evaluator) -> dict:
+    """The public instance attributes of `evaluator` that are plain JSON values."""
+
+    def plain(value) -> bool:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return True
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return isinstance(value, Mapping) and all(isinstance(k, str) and plain(v) for k, v in value.items())
+
+    return {name: value for name, value in vars(evaluator).items() if not name.startswith("_") and plain(value)}
 
 
 def as_evaluator(fn: Evaluator | Callable[..., Mapping[str, Any]], name: str = "evaluator") -> Evaluator:
@@ -346,6 +373,10 @@ class Scorer:
         self.evaluator = as_evaluator(evaluator, name)
         self.objective, self.name, self.trainer = objective, name, trainer
 
+    def fingerprint(self) -> dict:
+        """The evaluator's fingerprint and the objective: what makes this scorer's scores (for the journal)."""
+        return {"evaluator": self.evaluator.fingerprint(), "objective": self.objective.metrics}
+
     def score(self, metrics: Mapping[str, Any]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
         """The score of an evaluation's metrics, the metrics kept for the report, and the per-item scores of the
         objective's metrics (empty unless the evaluator gave all of them item by item)."""
@@ -391,14 +422,7 @@ class Scorer:
     def score_into(self, model: torch.nn.Module, candidate, heldout: bool = False):
         """Evaluate the live model into `candidate`'s selection fields (its held-out ones with `heldout=True`); a
         non-finite selection score marks the candidate as not choosable."""
-        score, metrics, items = self(model)
-        if heldout:
-            candidate.heldout_score, candidate.heldout_metrics, candidate.heldout_items = score, metrics, items
-        else:
-            candidate.score, candidate.metrics, candidate.items = score, metrics, items
-            if not math.isfinite(score):
-                candidate.error = f"non-finite score {score}"
-        return candidate
+        return candidate.record(*self(model), heldout=heldout)
 
 
 def _is_items(value) -> bool:

@@ -33,6 +33,7 @@ from .kinship import Gram
 __all__ = [
     "agree",
     "barrier",
+    "broadcast",
     "check_model",
     "gathered_state_dict",
     "is_sharded",
@@ -140,6 +141,15 @@ def agree(value):
     values = [None] * world()
     dist.all_gather_object(values, value)
     return value if all(v == value for v in values) else None
+
+
+def broadcast(value):
+    """The main process's `value` on every rank (`value` as is in one process)."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

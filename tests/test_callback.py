@@ -342,7 +342,7 @@ def test_failure_during_the_sweep_restores_weights_and_reports(tmp_path, regress
     assert failed["error"].startswith(type(error).__name__) and failed["final"] is None
     assert [c["kind"] for c in failed["candidates"]] == ["sft", "sft", "expo", "expo"]
     assert "The sweep failed" in (tmp_path / "exme-failed" / "exme_report.md").read_text()
-    assert sorted(os.listdir(tmp_path)) == ["exme", "exme-failed"]
+    assert sorted(os.listdir(tmp_path)) == ["exme", "exme-failed", "exme-journal.jsonl"]
 
 
 def test_full_disk_while_saving_keeps_earlier_result(tmp_path, regression, monkeypatch):

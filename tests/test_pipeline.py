@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 from exme_callback import pipeline
 from exme_callback.candidates import Checkpoint
+from exme_callback.intervals import gain_interval
 from exme_callback.pipeline import Output
 from exme_callback.planes import DensePlane
 from exme_callback.scoring import Objective, Scorer
@@ -153,7 +154,50 @@ def test_failing_evaluator_reports_what_was_scored_and_restores_the_weights(tmp_
     for c in failed["candidates"]:
         assert c["score"] == pytest.approx(closeness(*point(*c["coefficients"])), rel=1e-5, abs=1e-6)
     assert not (tmp_path / "exme-failed" / "README.md").exists()  # no model card for a failed sweep
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exme", "exme-failed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exme", "exme-failed", "exme-journal.jsonl"]
+
+
+def test_a_sweep_started_again_evaluates_only_what_its_journal_lacks(tmp_path):
+    with pytest.raises(RuntimeError, match="evaluator broke"):
+        regression_run(trained_model(), tmp_path, CountingEvaluator(fail_at=4))
+    lines = (tmp_path / "exme-journal.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 3  # the header, the three evaluations that finished
+    assert [json.loads(line)["key"]["point"] for line in lines[1:]] == [[1.1, 0.0], [1.5, 0.0], [0.0, 1.1]]
+
+    model, evaluator = trained_model(), CountingEvaluator()
+    resumed = regression_run(model, tmp_path, evaluator)
+    assert evaluator.calls == 6 - 3  # four EXPO candidates and two merges, less the three journaled
+    uninterrupted = regression_run(trained_model(), tmp_path / "again", CountingEvaluator())
+    assert {**resumed.to_dict(), "saved": None} == {**uninterrupted.to_dict(), "saved": None}
+    assert not (tmp_path / "exme-journal.jsonl").exists()  # removed once the result is published
+    saved, reference = (RegressionModel.from_pretrained(p / "exme") for p in (tmp_path, tmp_path / "again"))
+    assert torch.equal(saved.a, reference.a) and torch.equal(saved.b, reference.b)
+
+
+def test_a_journal_of_another_sweep_is_ignored_never_mixed_in(tmp_path, caplog):
+    with pytest.raises(RuntimeError, match="evaluator broke"):
+        regression_run(trained_model(), tmp_path, CountingEvaluator(fail_at=4))
+    (tmp_path / "exme-journal.jsonl").write_text(  # cut short by a kill in the middle of its last line
+        (tmp_path / "exme-journal.jsonl").read_text()[:-20]
+    )
+    evaluator = CountingEvaluator()
+    regression_run(trained_model(), tmp_path, evaluator)
+    assert evaluator.calls == 6 - 2  # the torn line is evaluated again
+
+    with pytest.raises(RuntimeError, match="evaluator broke"):
+        regression_run(trained_model(), tmp_path, CountingEvaluator(fail_at=4))
+    model = trained_model()
+    live = trainable_tensors(model)
+    plane = DensePlane(live, BASE, [SFT1, SFT2], TRAINED, model.save_pretrained)
+    checkpoints = [Checkpoint(10, closeness(*point(1, 0))), Checkpoint(20, closeness(*point(0, 1)))]
+    evaluator, settings = CountingEvaluator(), SearchSettings(alphas=(0.1, 0.4), betas=BETAS)  # other alphas
+    scorer = Scorer(evaluator, Objective({"closeness": True}))
+    with caplog.at_level("WARNING", logger="exme_callback.journal"):
+        pipeline.run(
+            model, plane, checkpoints, scorer, Output(str(tmp_path / "exme"), show_progress=False), settings=settings
+        )
+    assert evaluator.calls == 6
+    assert [r.getMessage() for r in caplog.records if "journal of another sweep" in r.getMessage()] != []
 
 
 # ---- the strategies through the pipeline -------------------------------------------------------------------------
@@ -260,10 +304,38 @@ def test_per_item_scores_give_every_gain_its_paired_interval(tmp_path):
     written = json.loads((tmp_path / "exme" / "exme_report.json").read_text())
     assert written["confidence"] == 0.95 and written["min_gain"] is None
     assert written["final"]["interval"] == pytest.approx(list(report.final.interval))
-    assert "items" not in written["final"]  # kept in memory only
+    assert "items" not in written["final"]  # in exme_items.json
     markdown = (tmp_path / "exme" / "exme_report.md").read_text()
     low, high = report.final.interval
     assert f"[{low:+.4f}, {high:+.4f}]" in markdown and "95% confidence interval (paired bootstrap" in markdown
+
+
+def test_the_intervals_recompute_from_the_output_folder_alone(tmp_path):
+    def evaluator(model):  # the noise grows with `a`: the intervals have a width
+        a, b = closeness_weights(model)
+        return {"closeness": [closeness(a, b) + e * a * a for e in NOISE]}
+
+    report = per_item_run(tmp_path, evaluator, confidence=0.8, seed=3)
+    folder = tmp_path / "exme"
+    written = json.loads((folder / "exme_report.json").read_text())
+    items = json.loads((folder / written["items_file"]).read_text())
+    assert items["gain_weights"] == {"closeness": 1.0} and (items["confidence"], items["seed"]) == (0.8, 3)
+    reference = next(i for i, c in enumerate(written["candidates"]) if c["step1"] == 10 and c["kind"] == "sft")
+    widths = []
+    for i, candidate in enumerate(written["candidates"]):
+        assert items["candidates"][i]["items"] == report.candidates[i].items
+        if i == reference:
+            continue
+        recomputed = gain_interval(
+            items["candidates"][i]["items"],
+            items["candidates"][reference]["items"],
+            items["gain_weights"],
+            items["confidence"],
+            seed=items["seed"],
+        )
+        assert recomputed == pytest.approx(candidate["interval"], abs=0, rel=0)
+        widths.append(recomputed[1] - recomputed[0])
+    assert max(widths) > 0.1  # not only degenerate intervals (SFT-2 over SFT-1 is one: their noise is the same)
 
 
 def test_min_gain_keeps_the_checkpoint_when_no_candidate_clears_it(tmp_path):

@@ -33,8 +33,23 @@ class TrainerEvaluator(Evaluator):
         """Whether checkpoint scores from training equal this evaluator's (same trainer, same data)."""
         return self.eval_dataset is None
 
+    def fingerprint(self) -> dict:
+        """The evaluation data's identity: the `datasets` fingerprint (a hash of its content and transforms) and the
+        size of each evaluation set."""
+        data = self.trainer.eval_dataset if self.eval_dataset is None else self.eval_dataset
+        sets = data if isinstance(data, dict) else {"eval": data}
+        described = {name: [getattr(d, "_fingerprint", None), _size(d)] for name, d in sets.items()}
+        return {"type": "trainer", "eval_dataset": described, "own": self.eval_dataset is None}
+
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if model is not self.trainer.model:
             raise InputError("`TrainerEvaluator` can only evaluate its trainer's own model (`trainer.model`).")
         with muted(self.trainer):
             return dict(self.trainer.evaluate(eval_dataset=self.eval_dataset))
+
+
+def _size(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # an iterable dataset
+        return None

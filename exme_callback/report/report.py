@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..candidates import Candidate, Checkpoint, best
 from .card import mergekit_recipe, model_card
 from .figure import plot
-from .files import MERGEKIT_RECIPE, MODEL_CARD, REPORT_JSON, REPORT_MD, REPORT_PNG
+from .files import MERGEKIT_RECIPE, MODEL_CARD, REPORT_ITEMS, REPORT_JSON, REPORT_MD, REPORT_PNG
 from .markdown import hyper_text, to_markdown
 
 __all__ = ["Report"]
@@ -26,6 +26,11 @@ class Report:
     says which of its candidates the table shows), and `notes` the strategy's lines after the table. `sources`
     names what the model card and the mergekit recipe refer to: `base_model` (an id or folder), `checkpoints` (the
     kept checkpoints' folders, best first) and `adapter` (whether they are LoRA adapters).
+
+    The per-item scores of every evaluated row go to `exme_items.json` beside the report (`items`), with what the
+    intervals were computed with (`gain_weights`, `confidence`, `seed`), so they can be recomputed from the folder:
+    `intervals.gain_interval(items["candidates"][i]["items"], items["candidates"][j]["items"], items["gain_weights"],
+    items["confidence"], seed=items["seed"])` is candidate `i`'s interval over the best checkpoint `j`.
     """
 
     metric: str
@@ -54,6 +59,9 @@ class Report:
     search: str = "grid"  # how the strategy's stages were scored: "grid" or "racing"
     item_evaluations: int | None = None  # items scored by the search (per-item evaluations only)
     grid_item_evaluations: int | None = None  # what the full grid scores: every candidate on every item
+    seed: int = 0  # the seed of the intervals' bootstrap
+    gain_weights: dict[str, float] = field(default_factory=dict)  # a gain's weight of each metric (`Objective`)
+    heldout_gain_weights: dict[str, float] = field(default_factory=dict)  # the same for the held-out score
 
     @property
     def best_sft(self) -> Candidate | None:
@@ -116,6 +124,22 @@ class Report:
             "search": self.search,
             "item_evaluations": self.item_evaluations,
             "grid_item_evaluations": self.grid_item_evaluations,
+            "items_file": REPORT_ITEMS if self.items() is not None else None,
+        }
+
+    def items(self) -> dict | None:
+        """The per-item scores of the base and of every candidate (in `candidates`' order), as `exme_items.json`
+        stores them, with what the intervals were computed with; `None` when no evaluation was per item."""
+        rows = [self.base, *self.candidates]
+        if not any(c is not None and (c.items or c.heldout_items) for c in rows):
+            return None
+        return {
+            "gain_weights": dict(self.gain_weights),
+            "heldout_gain_weights": dict(self.heldout_gain_weights),
+            "confidence": self.confidence,
+            "seed": self.seed,
+            "base": None if self.base is None else _items(self.base),
+            "candidates": [_items(c) for c in self.candidates],
         }
 
     def to_markdown(self) -> str:
@@ -135,9 +159,13 @@ class Report:
         return mergekit_recipe(self)
 
     def write(self, directory: str) -> None:
-        """Write `exme_report.json`, `exme_report.md` and `exme_sweep.png` into `directory`, and for a finished
+        """Write `exme_report.json`, `exme_report.md`, `exme_sweep.png` and `exme_items.json` (when there are per-item
+        scores) into `directory`, and for a finished
         sweep the model card `README.md` and `mergekit.yml`."""
         files = {REPORT_JSON: json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n"}
+        items = self.items()
+        if items is not None:
+            files[REPORT_ITEMS] = json.dumps(items, allow_nan=True) + "\n"
         files[REPORT_MD] = to_markdown(self)
         if self.final is not None and self.error is None:
             files[MODEL_CARD] = model_card(self)
@@ -149,3 +177,7 @@ class Report:
                 f.write(text)
         if self.checkpoints:
             plot(self, os.path.join(directory, REPORT_PNG))
+
+
+def _items(candidate: Candidate) -> dict:
+    return {"items": candidate.items, "heldout_items": candidate.heldout_items}
