@@ -349,3 +349,31 @@ def test_only_the_librarys_own_errors_exit_1_and_a_bug_raises(full_run, capsys, 
     with pytest.raises(KeyError, match="a bug"):  # with its traceback, not "exme: error: ..." and exit 1
         main(["run", str(run_dir), "--eval-data", str(data)])
     assert capsys.readouterr().err == ""
+
+
+def test_exme_run_again_on_the_same_output_evaluates_only_what_its_journal_lacks(full_run, tmp_path, monkeypatch):
+    root, run_dir, data = full_run
+    calls, original = {"n": 0, "fail_at": 4}, LossEvaluator.__call__
+
+    def counted(self, model):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise RuntimeError("the job was stopped")
+        return original(self, model)
+
+    monkeypatch.setattr(LossEvaluator, "__call__", counted)
+    argv = ["run", str(run_dir), "--eval-data", str(data), "--strategy", "mixup", "--mixup-draws", "2"]
+    with pytest.raises(RuntimeError, match="the job was stopped"):  # the checkpoints, the base, then the 1st draw
+        main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out-journal.jsonl").exists()
+    calls.update(n=0, fail_at=None)
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    assert calls["n"] == 5 - 3  # two checkpoints, the base and two draws, less the three journaled
+    assert not (tmp_path / "out-journal.jsonl").exists()
+    calls.update(n=0)
+    assert main([*argv, "--output-dir", str(tmp_path / "fresh")]) == 0
+    assert calls["n"] == 5
+    resumed, fresh = (json.loads((tmp_path / f / "exme_report.json").read_text()) for f in ("out", "fresh"))
+    assert {**resumed, "saved": None} == {**fresh, "saved": None}
+    ours, theirs = (load_file(tmp_path / f / "model.safetensors") for f in ("out", "fresh"))
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours) and ours.keys() == theirs.keys()
