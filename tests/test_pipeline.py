@@ -368,8 +368,13 @@ class ItemEvaluator:
         return {"closeness": [scores[i] for i in chosen]}
 
 
-def test_racing_chooses_the_grids_model_with_fewer_item_evaluations(tmp_path):
+def test_racing_chooses_the_grids_model_with_fewer_item_evaluations(tmp_path, monkeypatch):
     grid = per_item_run(tmp_path / "grid", ItemEvaluator())
+    evaluator = ItemEvaluator()
+    one_round = per_item_run(tmp_path / "one-round", evaluator, search="racing")
+    assert evaluator.items_scored == grid.item_evaluations  # six items are too few for a second round: the grid
+    assert one_round.final.coefficients == grid.final.coefficients
+    monkeypatch.setattr("exme_callback.strategies.racing.RACING_MIN_ITEMS", 1)  # rounds of any size
     evaluator = ItemEvaluator()
     racing = per_item_run(tmp_path / "racing", evaluator, search="racing")
     assert racing.final.coefficients == grid.final.coefficients and racing.final.kind == "exme"

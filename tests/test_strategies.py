@@ -6,6 +6,7 @@ import torch
 
 from exme_callback.candidates import Candidate, Checkpoint, best
 from exme_callback.strategies import (
+    RACING_ROUNDS,
     Baselines,
     ExMe,
     Mixup,
@@ -14,6 +15,7 @@ from exme_callback.strategies import (
     TopkGreedy,
     exme_coefficients,
     mixup_draws,
+    racing_rounds,
     run_strategy,
     scored_alphas,
     walk_line,
@@ -218,13 +220,44 @@ def test_racing_finds_the_known_best_with_fewer_item_evaluations():
     rounds = {}
     for beta, request in calls:
         rounds.setdefault(json.dumps(request), set()).add(beta)
-    assert len(rounds) == 4 and all(0.5 in betas for betas in rounds.values())
+    assert len(rounds) == 3 and all(0.5 in betas for betas in rounds.values())  # 50 items are too few a round
     # The survivors are scored on every item, back in the items' own order: the grid's scores, exactly.
     grid, _ = bernoulli_scorer(accuracies)
     for candidate in group:
         if candidate.valid:
             assert candidate.items["acc"] == grid(candidate, {"acc": list(range(400))})["acc"]
             assert candidate.score == pytest.approx(sum(candidate.items["acc"]) / 400)
+
+
+def test_rounds_of_too_few_items_are_skipped():
+    assert racing_rounds({"acc": 400}) == [0.25, 0.5, 1.0]  # the first round would score 50 items
+    assert racing_rounds({"a": 256, "b": 256}) == [0.125, 0.25, 0.5, 1.0]  # 32 + 32 items
+    assert racing_rounds({"a": 64, "b": 64}) == [0.5, 1.0] and racing_rounds({"acc": 100}) == [1.0]
+    assert racing_rounds({"acc": 400}, min_items=1) == list(RACING_ROUNDS)
+
+
+def test_mixup_draws_are_one_stage_raced():
+    lambdas = mixup_draws(2.0, 9, seed=0)
+    accuracies = {lam: 0.8 - 1.5 * (lam - 0.5) ** 2 for lam in lambdas}  # best at the draw nearest 0.5
+    calls = []
+
+    def evaluate(candidate, request):
+        calls.append(candidate.hyper["lambda"])
+        p, difficulty = (
+            accuracies[candidate.hyper["lambda"]],
+            torch.rand(400, generator=torch.Generator().manual_seed(1)),
+        )
+        return {"acc": [float(difficulty[i] < p) for i in request["acc"]]}
+
+    race = Racing(evaluate, {"acc": 400}, lambda m: m["acc"], {"acc": 1.0}, greater_is_better=True)
+    kept = [Checkpoint(10, score=0.6), Checkpoint(20, score=0.5)]
+    scored = run_strategy(Mixup(draws=9), kept, lambda c: c, greater_is_better=True, race=race)
+    draws = scored[2:]
+    assert [c.hyper["lambda"] for c in draws] == list(lambdas)
+    nearest = min(lambdas, key=lambda lam: abs(lam - 0.5))
+    assert best(draws, True).hyper["lambda"] == nearest
+    assert race.item_evaluations < 9 * 400 and any(c.error and "stopped by racing" in c.error for c in draws)
+    assert sorted(set(calls)) == sorted(lambdas)  # every draw scored on the first round
 
 
 def test_bracketing_stops_a_line_once_the_score_falls_clearly():

@@ -43,7 +43,7 @@ from .exme import (
 )
 from .line import Noise, walk_line
 from .mixup import Mixup, mixup_draws
-from .racing import RACING_ROUNDS, Racing, item_group
+from .racing import RACING_MIN_ITEMS, RACING_ROUNDS, Racing, item_group, racing_rounds
 from .topk_greedy import TopkGreedy
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_BETAS",
     "DEFAULT_DENSITIES",
+    "RACING_MIN_ITEMS",
     "RACING_ROUNDS",
     "STRATEGIES",
     "Baselines",
@@ -67,6 +68,7 @@ __all__ = [
     "exme_coefficients",
     "item_group",
     "mixup_draws",
+    "racing_rounds",
     "run_strategy",
     "scored_alphas",
     "walk_line",

@@ -48,10 +48,12 @@ class Mixup(Strategy):
     def search(self, search: Search) -> None:
         if search.k < 2:
             return
+        draws = []
         for lam in mixup_draws(self.a, self.draws, self.seed):
             if self.density is None:
                 c = [lam, 1.0 - lam, *[0.0] * (search.k - 2)]
-                search.score(search.point(self.name, c, {"lambda": lam}, uses=(0, 1)))
+                draws.append(search.point(self.name, c, {"lambda": lam}, uses=(0, 1)))
             else:
                 merge = Merge("dare", (0, 1), (lam, 1.0 - lam), self.density, self.seed)
-                search.score(search.off_span(self.name, merge, {"lambda": lam, "density": self.density}))
+                draws.append(search.off_span(self.name, merge, {"lambda": lam, "density": self.density}))
+        search.score_stage(draws)  # one stage: raced with `search="racing"`

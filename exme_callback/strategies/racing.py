@@ -13,9 +13,33 @@ import torch
 from ..candidates import Candidate, best
 from .line import Noise, walk_line
 
-__all__ = ["RACING_ROUNDS", "Racing", "item_group"]
+__all__ = ["RACING_MIN_ITEMS", "RACING_ROUNDS", "Racing", "item_group", "racing_rounds"]
 
 RACING_ROUNDS = (0.125, 0.25, 0.5, 1.0)  # the share of each group's items every candidate still racing is scored on
+RACING_MIN_ITEMS = 64  # the fewest new items a round scores per candidate (over all groups), but the last
+
+
+def racing_rounds(sizes: dict[str, int], min_items: int | None = None) -> list[float]:
+    """The shares of `RACING_ROUNDS` a race over groups of `sizes` items uses: those that score at least `min_items`
+    (defaults to `RACING_MIN_ITEMS`) new items per candidate, and the last (every item). Each evaluator call has a
+    fixed cost (the candidate's switch, the call itself) besides its items' forward passes; rounds of too few items
+    would be mostly that cost.
+
+    Example:
+
+    ```python
+    >>> racing_rounds({"arc": 256, "mmlu": 256}), racing_rounds({"arc": 64, "mmlu": 64})
+    ([0.125, 0.25, 0.5, 1.0], [0.5, 1.0])
+    ```
+    """
+    min_items = RACING_MIN_ITEMS if min_items is None else min_items
+    shares, done = [], 0
+    for share in RACING_ROUNDS:
+        reached = sum(math.ceil(share * n) for n in sizes.values())
+        if share == 1.0 or reached - done >= min_items:
+            shares.append(share)
+            done = reached
+    return shares
 
 
 def _hyper_text(candidate: Candidate) -> str:
@@ -34,7 +58,8 @@ class Racing:
     whose gain over the leader has a confidence interval below zero stop early; the rest are scored on every item.
 
     Each group of items (a task) is drawn in one seeded order; round `r` scores every candidate still racing on the
-    first `RACING_ROUNDS[r]` of each group's items in that order (only the items it was not scored on yet), so all
+    first `RACING_ROUNDS[r]` of each group's items in that order (only the items it was not scored on yet; rounds of
+    fewer than `RACING_MIN_ITEMS` new items are skipped: `racing_rounds`), so all
     candidates compared are scored on the same items, and a candidate is never dropped on items the leader was not
     scored on. The last round is all items: the survivors' scores are the grid's, and the stage's winner is the
     grid's unless the grid's winner was stopped while inside the noise of a smaller subset. A line (EXPO's alphas)
@@ -74,9 +99,10 @@ class Racing:
         scored = {g: [] for g in order}  # the items scored so far, in the order they were scored
         racing = [*group, *extension]
         stage = list(racing)
-        for share in RACING_ROUNDS:
+        shares = racing_rounds(self.sizes)
+        for share in shares:
             request = {g: sorted(order[g][len(scored[g]) : math.ceil(share * len(order[g]))]) for g in order}
-            if line and share == RACING_ROUNDS[0]:
+            if line and share == shares[0]:
                 n = walk_line(racing, partial(self._score, request=request), self.noise, len(group))
                 for later in racing[n : len(group)]:
                     later.error = f"not scored: bracketing stopped the line at {_hyper_text(racing[n - 1])}"
