@@ -31,6 +31,12 @@ def evaluator(model, items=None):
     return {"accuracy": [float(my_prediction(model, dev_set[i][0]) == dev_set[i][1]) for i in chosen]}
 ```
 
+In a distributed run (DDP, DeepSpeed, FSDP2, `torchrun`) the evaluator runs on every rank. An evaluator that shares
+its work across the ranks itself declares it (`rank_aware`: the trainer's evaluation, `LMEvalEvaluator`); for any
+other that takes `items`, the `Scorer` gives each rank its share of the items it is asked for and gathers the
+per-item scores, so every rank gets them all. A call without `items` is never split: an evaluator that does not take
+them runs on every rank as in one process.
+
 The `Objective` turns metrics into the selection score: one metric with its direction (the trainer's
 `metric_for_best_model` and `greater_is_better`), or the mean of several, like the ExMe paper's "overall
 performance".
@@ -48,6 +54,7 @@ from typing import Any
 
 import torch
 
+from . import sharding
 from .errors import InputError, InputTypeError, MissingNameError, UnsupportedError
 
 __all__ = [
@@ -79,6 +86,16 @@ class Evaluator:
             never passed to an evaluator without it, so its `__call__(self, model)` may leave it out.
         reuses_training_scores (`bool`, *optional*, defaults to `False`): the metrics of a training evaluation are
             this evaluator's, so a checkpoint's score is read from them instead of evaluating the model again.
+        rank_aware (`bool`, *optional*, defaults to `False`): in a distributed run, the evaluator shares its work
+            across the ranks itself and returns every rank the whole metrics (`TrainerEvaluator` splits its
+            dataloader, `LMEvalEvaluator` its documents). When it is `False` and the evaluator `scores_subsets`,
+            the `Scorer` splits each call with `items` across the ranks: every rank is asked for its round-robin
+            share of each group, as many items on every rank (a rank with one fewer scores a copy of the group's
+            first item, dropped), and the per-item scores are gathered in order; numbers a split call returns for
+            a whole share (not item by item) are dropped. Under FSDP2 and ZeRO-3, where every forward pass is a
+            collective, such an evaluator must run as many forward passes for as many items on every rank (fixed
+            batches; `synced_gpus=True` for generation); set `rank_aware = True` to be asked for every item on
+            every rank instead.
 
     Example:
 
@@ -96,6 +113,7 @@ class Evaluator:
     directions: Mapping[str, bool] | None = None
     scores_subsets: bool = False
     reuses_training_scores: bool = False
+    rank_aware: bool = False
 
     def use_tokenizer(self, tokenizer) -> None:
         """Take the trainer's tokenizer (its `processing_class`): the callback calls this at train begin. The
@@ -123,10 +141,12 @@ class FunctionEvaluator(Evaluator):
 
     Args:
         fn (`Callable[..., Mapping[str, float]]`): the evaluator.
+        rank_aware (`bool`, *optional*, defaults to `False`): `fn` shares its work across the ranks of a distributed
+            run itself (see `Evaluator.rank_aware`).
     """
 
-    def __init__(self, fn: Callable[..., Mapping[str, Any]]):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., Mapping[str, Any]], rank_aware: bool = False):
+        self.fn, self.rank_aware = fn, bool(rank_aware)
         try:
             parameters = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):  # a callable without a signature
@@ -402,14 +422,61 @@ class Scorer:
 
     def __call__(self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None) -> tuple:
         """Evaluate the live model: `(score, metrics, items)` (see `score`); on a subset of the items (group -> item
-        indices, for racing) when `items` is given."""
+        indices, for racing) when `items` is given, split across the ranks of a distributed run unless the evaluator
+        is `rank_aware`. A group asked for no item is left out of the call: its metrics' per-item scores are empty,
+        and the subset's score is NaN."""
+        asked = None if items is None else {group: list(ids) for group, ids in items.items() if len(ids)}
         was_training = model.training
         try:
             with muted(self.trainer) if self.trainer is not None else contextlib.nullcontext():
-                metrics = self.evaluator(model) if items is None else self.evaluator(model, items=items)
+                if asked is None:
+                    metrics = self.evaluator(model)
+                elif not asked:
+                    metrics = {}
+                elif sharding.world() == 1 or self.evaluator.rank_aware:
+                    metrics = self.evaluator(model, items=asked)
+                else:
+                    metrics = self._split(model, asked)
         finally:
             model.train(was_training)
-        return self.score(metrics)
+        if asked is None or len(asked) == len(items):
+            return self.score(metrics)
+        from .strategies.racing import item_group
+
+        per_item = {key: self._items(key, value) for key, value in metrics.items() if _is_items(value)}
+        for name in self.objective.metrics:
+            if item_group(name) in items and item_group(name) not in asked and metric_key(name, per_item) is None:
+                per_item[name] = []
+        means = {key: math.fsum(values) / len(values) for key, values in per_item.items() if values}
+        return math.nan, numeric_metrics({**metrics, **means}), self.objective.items(per_item)
+
+    def _split(self, model: torch.nn.Module, items: Mapping[str, list[int]]) -> dict[str, list[float]]:
+        """The per-item scores of `items`, each rank scoring its round-robin share of every group (as many items on
+        every rank: a short share ends with a copy of the group's first item, dropped), gathered in order."""
+        from .strategies.racing import item_group
+
+        world = sharding.world()
+        shares = {group: [ids[p] for p in sharding.share(len(ids))] for group, ids in items.items()}
+        sizes = {group: -(-len(ids) // world) for group, ids in items.items()}
+        padded = {group: share + [items[group][0]] * (sizes[group] - len(share)) for group, share in shares.items()}
+        mine = {}
+        for key, value in self.evaluator(model, items=padded).items():
+            if not _is_items(value):
+                continue  # a number for this rank's share only: not the whole's
+            group = item_group(key)
+            scores = self._items(key, value)
+            if group not in sizes or len(scores) != sizes[group]:
+                raise InputError(
+                    f"`{self.name}` gave {len(scores)} per-item scores of `{key}` when asked for "
+                    f"{sizes.get(group, 0)} items of {group!r}: it must score the items asked for, in that order."
+                )
+            mine[key] = scores[: len(shares[group])]
+        parts = sharding.gather(mine)
+        gathered = {}
+        for key in mine:
+            n = len(items[item_group(key)])
+            gathered[key] = [parts[i % world][key][i // world] for i in range(n)]
+        return gathered
 
     def evaluation(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> tuple[float, dict, dict, bool]:
         """The score, metrics and per-item scores of a training evaluation: from the trainer's own `metrics` when the

@@ -18,6 +18,9 @@ them after candidates are written. Under ZeRO-3 the optimizer's float32 master w
 over when the sweep runs, and the trained weights are put back into the shards exactly.
 
 Under DDP, and ZeRO-1/2, every rank holds full parameters: nothing here changes anything.
+
+Evaluation is split across the ranks of any distributed run: `share` gives each rank its items (round robin), and
+`gather` brings every rank's results to every rank, so all of them make the same choice.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ __all__ = [
     "barrier",
     "broadcast",
     "check_model",
+    "gather",
     "gathered_state_dict",
     "is_sharded",
     "local",
     "local_tensors",
     "rank",
     "reshard",
+    "share",
     "total",
     "world",
 ]
@@ -136,11 +141,30 @@ def total(gram: Gram, model: torch.nn.Module) -> Gram:
 def agree(value):
     """`value` if every rank has the same, else `None` (whether a kept snapshot equals the trained weights is
     decided per shard; every rank must use the same answer)."""
+    return value if all(v == value for v in gather(value)) else None
+
+
+def gather(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank (`[value]` in one process)."""
     if world() == 1:
-        return value
+        return [value]
     values = [None] * world()
     dist.all_gather_object(values, value)
-    return value if all(v == value for v in values) else None
+    return values
+
+
+def share(n: int) -> range:
+    """This rank's positions among `n` items, round robin (`rank, rank + world, ...`): the ranks' shares differ in
+    size by one at most, and position `i` belongs to rank `i % world`.
+
+    Example:
+
+    ```python
+    >>> share(5)  # rank 1 of 2
+    range(1, 5, 2)
+    ```
+    """
+    return range(rank(), n, world())
 
 
 def broadcast(value):

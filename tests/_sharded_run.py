@@ -5,28 +5,32 @@ transformers' `Trainer` enables FSDP only on accelerators, so this drives the ca
 loop, as `Trainer` calls them: `on_train_begin`, `on_evaluate` every 2 steps, `on_save` at `--stop`, `on_train_end`.
 Every process sees the same global batch of 8 sequences; a sharded rank trains on its half of it.
 
-Usage: python _sharded_run.py OUTPUT_DIR {none,fsdp2,zero3} [--stop STEP | --resume STEP]
-Writes `rank-<r>.json`: the bytes of the kept tensors before the sweep, and whether the trained weights came back.
+Usage: python _sharded_run.py OUTPUT_DIR {none,fsdp2,zero3} [--stop STEP | --resume STEP] [--lm-eval TASKS_DIR]
+Writes `rank-<r>.json`: the bytes of the kept tensors before the sweep, whether the trained weights came back, and
+the documents this rank scored. With `--lm-eval` the candidates are scored by an `LMEvalEvaluator` of the three toy
+tasks written into TASKS_DIR (7, 4 and 5 documents: the two ranks get different numbers), else by a loss.
 """
 
 import json
 import os
+import pathlib
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_sequence_llama, sequences  # noqa: E402
+from conftest import make_sequence_llama, make_tokenizer, sequences, write_lm_eval_tasks  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from exme_callback import ExMeCallback
+from exme_callback import ExMeCallback, LMEvalEvaluator
 from exme_callback.sharding import gathered_state_dict, local, reshard
 
 STEPS = 8
-output_dir, shard, option, step_arg = sys.argv[1], sys.argv[2], *(sys.argv[3:5] + [None, None])[:2]
-stop = int(step_arg) if option == "--stop" else None
-resume = int(step_arg) if option == "--resume" else 0
+output_dir, shard, *pairs = sys.argv[1:]
+options = dict(zip(pairs[::2], pairs[1::2], strict=True))
+stop = int(options["--stop"]) if "--stop" in options else None
+resume = int(options.get("--resume", 0))
 
 sharded = shard != "none"
 if shard == "zero3":
@@ -86,6 +90,14 @@ args = TrainingArguments(
 )
 state, control = TrainerState(global_step=resume), TrainerControl()
 state.is_world_process_zero = rank == 0
+if "--lm-eval" in options:
+    folder = options["--lm-eval"]
+    if rank == 0:
+        write_lm_eval_tasks(pathlib.Path(folder), kinds=("choice", "generate", "rolling"))
+    if sharded:
+        dist.barrier()
+    tasks = ["toy_choice", "toy_generate", "toy_rolling"]
+    evaluate = LMEvalEvaluator(tasks, make_tokenizer(), include_path=folder, limit=7, batch_size=2)
 callback = ExMeCallback(evaluator=evaluate)
 callback.on_train_begin(args, state, control, model=model)
 model.train()
@@ -118,7 +130,8 @@ else:
     reshard(model)
     restored = all(torch.equal(local(p), trained[name]) for name, p in model.named_parameters())
     with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as f:
-        json.dump({"kept_bytes": kept, "restored": restored}, f)
+        documents = getattr(evaluate, "documents_scored", None)
+        json.dump({"kept_bytes": kept, "restored": restored, "documents": documents}, f)
 if sharded:  # leave together: a rank exiting early can abort the other's gloo threads
     dist.barrier()
     dist.destroy_process_group()

@@ -164,8 +164,10 @@ def tokenizer():
     return make_tokenizer()
 
 
-def write_lm_eval_tasks(folder, prefix: str = "toy") -> list[str]:
-    """A multiple-choice and a generate_until lm-eval task over local jsonl files, written into `folder`."""
+def write_lm_eval_tasks(folder, prefix: str = "toy", kinds=("choice", "generate")) -> list[str]:
+    """lm-eval tasks over local jsonl files, written into `folder`: a multiple-choice task (8 documents), a
+    generate_until task (4) and, among `kinds`, a loglikelihood_rolling task (5 texts of 13 to 78 words, so the
+    longest take several windows of a model with 32 or 64 positions)."""
     import json
 
     import yaml
@@ -178,6 +180,7 @@ def write_lm_eval_tasks(folder, prefix: str = "toy") -> list[str]:
             for i, (a, n) in enumerate(pairs)
         ],
         "generate": [{"q": f"the {a} cat sat on the", "answer": "mat"} for a in ("red", "blue", "big", "small")],
+        "rolling": [{"q": "", "text": " ".join(make_texts(n, seed=n))} for n in (1, 3, 6, 2, 5)],
     }
     specific = {
         "choice": {
@@ -192,8 +195,15 @@ def write_lm_eval_tasks(folder, prefix: str = "toy") -> list[str]:
             "generation_kwargs": {"until": ["<eos>"], "max_gen_toks": 3, "do_sample": False},
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         },
+        "rolling": {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_target": "{{text}}",
+            "metric_list": [
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False}
+            ],
+        },
     }
-    for kind in ("choice", "generate"):
+    for kind in kinds:
         data = folder / f"{prefix}_{kind}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows[kind]))
         config = {
@@ -205,7 +215,7 @@ def write_lm_eval_tasks(folder, prefix: str = "toy") -> list[str]:
             **specific[kind],
         }
         (folder / f"{prefix}_{kind}.yaml").write_text(yaml.safe_dump(config))
-    return [f"{prefix}_choice", f"{prefix}_generate"]
+    return [f"{prefix}_{kind}" for kind in kinds]
 
 
 SEQUENCE_VOCAB = 32

@@ -1,4 +1,5 @@
-"""DDP on the CPU (gloo): two processes end with the same ExMe model as one process, and only rank 0 writes."""
+"""DDP on the CPU (gloo): two processes end with the same ExMe model as one process, and only rank 0 writes; an
+`LMEvalEvaluator` splits its documents across them."""
 
 import json
 import os
@@ -57,3 +58,34 @@ def test_ddp_two_processes_match_one(tmp_path):
     a = RegressionModel.from_pretrained(tmp_path / "ddp" / "exme")
     b = RegressionModel.from_pretrained(tmp_path / "one" / "exme")
     assert_close(torch.stack([a.a, a.b]).detach(), torch.stack([b.a, b.b]).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_lm_eval_splits_the_documents_and_matches_one_process(tmp_path):
+    """`SFTTrainer` under DDP with an `LMEvalEvaluator` and racing: every call, each rank scores its round-robin share
+    of the documents asked for (racing's first rounds ask for one document of each task: rank 1 scores none), and
+    the sweep and the metrics are one process's."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("trl")
+    script = os.path.join(os.path.dirname(__file__), "_lm_eval_ddp_run.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    single = launch([sys.executable, script, str(tmp_path / "one"), "8"], tmp_path / "one")
+    ddp = launch([*torchrun, script, str(tmp_path / "ddp"), "4"], tmp_path / "ddp")
+    [one] = [json.loads((tmp_path / "one" / "rank-0.json").read_text())]
+    ranks = [json.loads((tmp_path / "ddp" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+    # The same calls; each rank scored ceil(n / 2) or floor(n / 2) documents of every task's n asked for.
+    assert [asked for asked, _ in one["calls"]] == [asked for asked, _ in ranks[0]["calls"]]
+    assert len(one["calls"]) > 20 and {"toy_choice": 1, "toy_generate": 1} in [a for a, _ in one["calls"]]
+    for (asked, scored), *shares in zip(one["calls"], ranks[0]["calls"], ranks[1]["calls"], strict=True):
+        assert scored == sum(asked.values())
+        halves = [sum((n + 1) // 2 for n in asked.values()), sum(n // 2 for n in asked.values())]
+        assert [n for _, n in shares] == halves
+    # Every rank returns the gathered metrics, one process's, document by document.
+    assert ranks[0]["direct"] == ranks[1]["direct"] == one["direct"]
+    assert len(one["direct"]["all"]["toy_choice/acc"]) == 7 and len(one["direct"]["subset"]["toy_choice/acc"]) == 5
+    assert 0 < sum(one["direct"]["all"]["toy_choice/acc"]) < 7
+    assert [(c["kind"], c["c1"], c["c2"], c["error"]) for c in ddp["candidates"]] == [
+        (c["kind"], c["c1"], c["c2"], c["error"]) for c in single["candidates"]
+    ]
+    assert [c["score"] for c in ddp["candidates"]] == [c["score"] for c in single["candidates"]]
+    assert (ddp["final"]["c1"], ddp["final"]["c2"]) == (single["final"]["c1"], single["final"]["c2"])

@@ -336,3 +336,110 @@ def test_evaluators_declare_their_capabilities(lm_eval_tasks, tokenizer, regress
     model, _, eval_data = regression
     trainer = Trainer(model=model, args=regression_args(tmp_path), eval_dataset=eval_data)
     assert TrainerEvaluator(trainer).directions is None and not TrainerEvaluator(trainer).scores_subsets
+
+
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory):
+    """A multiple-choice, a generate_until and a loglikelihood_rolling task, and an evaluator of them."""
+    pytest.importorskip("lm_eval")
+    from conftest import write_lm_eval_tasks
+
+    from exme_callback import LMEvalEvaluator
+
+    folder = tmp_path_factory.mktemp("three")
+    names = write_lm_eval_tasks(folder, prefix="tri", kinds=("choice", "generate", "rolling"))
+    return folder, names, LMEvalEvaluator(names, make_tokenizer(), include_path=str(folder), batch_size=4)
+
+
+def _lm_eval_evaluate(folder, names, model, limit=None, samples=None):
+    """lm-eval's own `evaluate` on fresh task objects, with the evaluator's settings (no chat template, zero-shot,
+    no logits cache), in one process."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from exme_callback.scoring import preserved_rng
+
+    tasks = TaskManager(include_path=str(folder)).load(names)
+    for task in tasks["tasks"].values():
+        task.set_config(key="num_fewshot", value=0)
+    lm = HFLM(pretrained=model, tokenizer=make_tokenizer(), batch_size=4, logits_cache=False)
+    with preserved_rng(1234), torch.no_grad():
+        output = evaluate(lm=lm, task_dict=tasks, limit=limit, samples=samples, bootstrap_iters=0, log_samples=True)
+    documents = {task: sorted(logged, key=lambda s: s["doc_id"]) for task, logged in output["samples"].items()}
+    return output["results"], documents
+
+
+def test_lm_eval_evaluator_equals_lm_eval_evaluate(three_tasks):
+    """Every metric, document by document where lm-eval averages, equals lm-eval's own `evaluate` exactly: all
+    documents, a subset of them (racing's `items`), and `limit`."""
+    from conftest import make_llama
+
+    from exme_callback import LMEvalEvaluator
+
+    folder, names, evaluator = three_tasks
+    choice, generate, rolling = names
+    model = make_llama(seed=8)
+    ours = evaluator(model)
+    results, documents = _lm_eval_evaluate(folder, names, model)
+    assert set(ours) == {f"{choice}/acc", f"{generate}/exact_match", f"{rolling}/word_perplexity"}
+    assert ours[f"{choice}/acc"] == [s["acc"] for s in documents[choice]] and len(ours[f"{choice}/acc"]) == 8
+    assert ours[f"{generate}/exact_match"] == [s["exact_match"] for s in documents[generate]]
+    assert sum(ours[f"{choice}/acc"]) / 8 == results[choice]["acc,none"]  # lm-eval's mean, in document order
+    assert ours[f"{rolling}/word_perplexity"] == results[rolling]["word_perplexity,none"]  # an aggregation
+    assert 1 < ours[f"{rolling}/word_perplexity"] < float("inf")
+
+    subset = {choice: [1, 3, 6], generate: [0, 2], rolling: [0, 4]}
+    ours = evaluator(model, items=subset)
+    results, documents = _lm_eval_evaluate(folder, names, model, samples=subset)
+    assert ours[f"{choice}/acc"] == [s["acc"] for s in documents[choice]]
+    assert ours[f"{generate}/exact_match"] == [s["exact_match"] for s in documents[generate]]
+    assert ours[f"{rolling}/word_perplexity"] == results[rolling]["word_perplexity,none"]
+    # Tasks left out of `items` are not evaluated.
+    assert set(evaluator(model, items={choice: [2]})) == {f"{choice}/acc"}
+
+    limited = LMEvalEvaluator(names, make_tokenizer(), include_path=str(folder), batch_size=4, limit=3)
+    ours = limited(model)
+    results, documents = _lm_eval_evaluate(folder, names, model, limit=3)
+    assert ours[f"{choice}/acc"] == [s["acc"] for s in documents[choice]] and len(ours[f"{choice}/acc"]) == 3
+    assert ours[f"{generate}/exact_match"] == [s["exact_match"] for s in documents[generate]]
+    assert ours[f"{rolling}/word_perplexity"] == results[rolling]["word_perplexity,none"]
+    assert limited.documents_scored == 3 * 3
+    with pytest.raises(ValueError, match=r"`items\['tri_choice'\]` must be document indices in \[0, 3\)"):
+        limited(model, items={choice: [3]})
+    with pytest.raises(ValueError, match=r"`items` names \['other'\], which are not tasks of this evaluator"):
+        limited(model, items={"other": [0]})
+
+
+def test_lm_eval_requests_are_built_once_with_the_same_few_shot_examples(three_tasks):
+    """The instances are built at the first call, as lm-eval builds them in one process, and reused: a subset's
+    documents have the prompts (few-shot examples included) and the scores of a full call's."""
+    from conftest import make_llama
+    from lm_eval.tasks import TaskManager
+
+    from exme_callback import LMEvalEvaluator
+
+    folder, names, _ = three_tasks
+    choice = names[0]
+    evaluator = LMEvalEvaluator([choice], make_tokenizer(), include_path=str(folder), num_fewshot=2, batch_size=4)
+    task = evaluator._tasks["tasks"][choice]
+    builds = []
+    build_all_requests = task.build_all_requests
+    task.build_all_requests = lambda **kwargs: builds.append(kwargs) or build_all_requests(**kwargs)
+    model = make_llama(seed=9)
+    full = evaluator(model)
+    subset = evaluator(model, items={choice: [5, 0, 2]})  # any order: the scores come in that order
+    again = evaluator(model)
+    assert len(builds) == 1 and (builds[0]["rank"], builds[0]["world_size"]) == (0, 1)
+    assert subset[f"{choice}/acc"] == [full[f"{choice}/acc"][i] for i in (5, 0, 2)]
+    assert again == full
+    assert evaluator.documents_scored == 8 + 3 + 8
+
+    # The prompts are lm-eval's for one process with the seed set before building (two examples drawn per doc).
+    fresh = TaskManager(include_path=str(folder)).load([choice])["tasks"][choice]
+    fresh.set_config(key="num_fewshot", value=2)
+    fresh.set_fewshot_seed(seed=1234)
+    fresh.build_all_requests(rank=0, world_size=1)
+    built = [i.arguments for group in evaluator._built[choice].instances for i in group]
+    assert built == [i.arguments for i in fresh.instances]
+    assert all(args[0].count("\n\n") == 2 for args in built)  # two examples before each question

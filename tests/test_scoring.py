@@ -147,3 +147,55 @@ def test_objective_refuses_two_names_of_one_metric():
     with pytest.raises(ValueError, match=r"names 'acc' and 'eval_acc', which are one metric, 'eval_acc'.*once"):
         Objective.from_spec(["eval_acc", "acc"])
     assert Objective({"loss": False, "eval_acc": True})({"eval_loss": 1.0, "eval_acc": 0.5}) == pytest.approx(-0.25)
+
+
+def test_a_group_asked_for_no_item_is_left_out_and_scores_no_item():
+    """Racing's rounds can ask a group of a few items for none: the evaluator is not asked for it, its metrics'
+    per-item scores are empty, and the subset has no score."""
+    asked = []
+
+    def evaluator(model, items=None):
+        asked.append(items)
+        return {"a/acc": [float(i) for i in items["a"]]}
+
+    scorer = Scorer(evaluator, Objective({"a/acc": True, "b/acc": True}))
+    score, metrics, items = scorer(torch.nn.Linear(1, 1), items={"a": [1, 0], "b": []})
+    assert asked == [{"a": [1, 0]}]
+    assert math.isnan(score) and metrics == {"a/acc": 0.5} and items == {"a/acc": [1.0, 0.0], "b/acc": []}
+    assert scorer(torch.nn.Linear(1, 1), items={"a": [], "b": []})[2] == {"a/acc": [], "b/acc": []}
+    assert len(asked) == 1
+
+
+@pytest.mark.slow
+def test_distributed_scorer_splits_plain_evaluators_of_items(tmp_path):
+    """Two gloo processes: a plain evaluator that takes `items` is asked for each rank's round-robin share (the
+    short share padded with the group's first item) and every rank gets all the per-item scores, in order, as one
+    process does; the number it gave for its share is dropped. A `rank_aware` evaluator is asked for every item on
+    every rank, and one without `items` is called as in one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "_scoring_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    (tmp_path / "one").mkdir()
+    for command in ([sys.executable, script, str(tmp_path / "one")], [*torchrun, script, str(tmp_path)]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "rank-0.json").read_text())
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+    a, b = [2, 3, 5, 7, 11, 13, 17], [4]
+    assert one["asked"]["plain"] == [{"a": a, "b": b}]
+    assert ranks[0]["asked"]["plain"] == [{"a": [2, 5, 11, 17], "b": [4]}]
+    assert ranks[1]["asked"]["plain"] == [{"a": [3, 7, 13, 2], "b": [4]}]  # padded with each group's first item
+    expected = {"a/acc": [i / 10 for i in a], "b": [-4.0]}
+    assert one["returned"]["plain"][2] == expected
+    for r in ranks:
+        score, metrics, items = r["returned"]["plain"]
+        assert items == expected and "count" not in metrics  # 4 or 3 on a rank: not the whole's 7
+        assert score == one["returned"]["plain"][0] == pytest.approx((sum(a) / 70 - 4) / 2)
+        for name, calls in (("rank_aware", [{"a": a, "b": b}]), ("without_items", [None])):
+            assert r["asked"][name] == calls and r["returned"][name] == one["returned"][name]

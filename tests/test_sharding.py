@@ -93,6 +93,38 @@ def test_two_processes_match_one_and_keep_half_each(tmp_path, single, shard):
     assert all(r["restored"] for r in [unsharded, *ranks])
 
 
+@pytest.fixture(scope="module")
+def single_lm_eval(tmp_path_factory):
+    """The unsharded run scored by an `LMEvalEvaluator`, which every sharded one is compared with."""
+    output_dir = tmp_path_factory.mktemp("one-lm-eval")
+    run(output_dir, "none", "--lm-eval", str(output_dir / "tasks"))
+    return outcome(output_dir, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", SHARDINGS)
+def test_sharded_lm_eval_splits_the_documents_and_matches_one_process(tmp_path, single_lm_eval, shard):
+    """Each rank scores its round-robin share of every task's documents (7, 4 and 5: 4 + 3, 2 + 2 and 3 + 2, so
+    the ranks run different numbers of requests and of rolling windows, and generate different lengths, yet as
+    many forward passes, which are collectives here), and the sweep is one process's."""
+    pytest.importorskip("lm_eval")
+    expected, [unsharded], model = single_lm_eval
+    run(tmp_path, shard, "--lm-eval", str(tmp_path / "tasks"), processes=2)
+    sharded, ranks, gathered = outcome(tmp_path, 2)
+
+    calls, rest = divmod(unsharded["documents"], 7 + 4 + 5)
+    assert rest == 0 and calls >= 20  # the base, the checkpoints, the candidates
+    assert [r["documents"] for r in ranks] == [(4 + 2 + 3) * calls, (3 + 2 + 2) * calls]
+    assert_same_run(sharded, expected)
+    for c, e in zip(sharded["candidates"], expected["candidates"], strict=True):
+        for metric in ("toy_choice/acc", "toy_generate/exact_match"):  # means of 0/1 scores: exactly equal
+            assert c["metrics"][metric] == e["metrics"][metric]
+        perplexity = "toy_rolling/word_perplexity"
+        assert_close(c["metrics"][perplexity], e["metrics"][perplexity], rtol=1e-5, atol=0)
+    for name in model:
+        assert_close(gathered[name], model[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", SHARDINGS)
 def test_resumed_sharded_run_ends_like_an_uninterrupted_one(tmp_path, single, shard):

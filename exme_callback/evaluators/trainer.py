@@ -18,11 +18,16 @@ class TrainerEvaluator(Evaluator):
     with the training's own. The metrics keep the trainer's `eval_` prefix, so `metric_for_best_model` names the
     same metric during training and in the sweep.
 
+    In a distributed run the trainer's evaluation splits its dataloader across the ranks and gathers the
+    predictions itself (`rank_aware`).
+
     Args:
         trainer (`transformers.Trainer`): the trainer (a TRL trainer works the same).
         eval_dataset (`Dataset` or `dict[str, Dataset]`, *optional*): evaluate on this instead of the trainer's
             `eval_dataset`. Scores from training are then not reused.
     """
+
+    rank_aware = True
 
     def __init__(self, trainer, eval_dataset=None):
         self.trainer = trainer
