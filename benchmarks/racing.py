@@ -16,6 +16,7 @@ choice outside the rows is counted as not measured). It prints, per seed and ove
 - the held-out gain of each choice over the best checkpoint, and whether it is below zero.
 
     python benchmarks/racing.py --seeds 0 1 2     # about 11 minutes per seed on 2 CPU cores
+    python benchmarks/racing.py --documents 256   # selection sets of 4 x 256 documents
 """
 
 import argparse
@@ -30,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from instruction_data import to_sft, write_tasks  # noqa: E402
+from instruction_data import SKILLS, generate_skills, to_sft, write_tasks  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from quickstart import BATCH_SIZE, load_model, load_splits  # noqa: E402
 from transformers import PrinterCallback  # noqa: E402
@@ -72,6 +73,10 @@ def run_seed(seed: int, args: argparse.Namespace, reports: list) -> dict:
     output_dir = os.path.join(args.output_dir, f"seed-{seed}")
     quickstart = argparse.Namespace(smoke=args.smoke, model=None, dataset=None, steps=args.steps)
     splits = load_splits(quickstart)
+    if args.documents is not None:  # larger selection sets: the same skills, drawn again with more documents
+        per_skill = -(-args.steps * BATCH_SIZE // len(SKILLS))
+        heldout = len(next(iter(splits["heldout"].values())))
+        splits = generate_skills({"train": per_skill, "selection": args.documents, "heldout": heldout})
     model, tokenizer = load_model(quickstart, splits)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tasks = os.path.join(output_dir, "tasks")
@@ -97,7 +102,7 @@ def run_seed(seed: int, args: argparse.Namespace, reports: list) -> dict:
             seed=seed,
         ),
         train_dataset=Dataset.from_list(to_sft(splits["train"], tokenizer.eos_token)),
-        eval_dataset=Dataset.from_list(to_sft(splits["selection"], tokenizer.eos_token)[:32]),
+        eval_dataset=Dataset.from_list(to_sft(splits["selection"], tokenizer.eos_token)[:32]),  # the training's loss
         processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
     )
@@ -219,6 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--documents", type=int, help="selection documents per task (default: the quickstart's 32)")
     parser.add_argument("--output-dir", default="runs/racing")
     parser.add_argument("--smoke", action="store_true", help="the quickstart's tiny model: checks the script")
     parser.add_argument(

@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    for name in ("exme_callback.pipeline", "exme_callback.journal"):  # the scores, the choice, a resumed sweep
-        logging.getLogger(name).setLevel(logging.INFO)
+    if _main_process():
+        for name in ("exme_callback.pipeline", "exme_callback.journal"):  # the scores, the choice, a resumed sweep
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         if args.command == "run":
             _check_run_usage(parser, args)
@@ -266,8 +267,14 @@ def _is_number(text: str) -> bool:
 
 
 def _say(message: str) -> None:
-    """Progress for the person at the terminal (stderr: stdout is the report)."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress for the person at the terminal (stderr: stdout is the report), from the main process."""
+    if _main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _main_process() -> bool:
+    """Whether this is the main process of a launcher's (`RANK` 0), or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _dtype(name: str):
@@ -283,7 +290,17 @@ def _model_options(args) -> dict:
 
 
 def _run(args) -> None:
-    """`exme run`: the checkpoints (ranked, or given), the live model and its plane, the scorers, then the
+    """`exme run` in each process a launcher started (`torchrun`, `accelerate launch`: the evaluation is split across
+    them, the main process writes), or in this one."""
+    from .sharding import launched_processes
+
+    with launched_processes(args.device) as device:
+        args.device = device
+        _sweep(args)
+
+
+def _sweep(args) -> None:
+    """`exme run`'s work: the checkpoints (ranked, or given), the live model and its plane, the scorers, then the
     pipeline, which scores the checkpoints and the base like every candidate."""
     from . import pipeline
     from .candidates import Checkpoint
@@ -291,7 +308,8 @@ def _run(args) -> None:
     from .runs import load_plane, rank_run
 
     destination = os.path.abspath(args.output_dir or os.path.join(args.run_dir, "exme"))
-    check_writable(destination, "--output-dir")
+    if _main_process():
+        check_writable(destination, "--output-dir")
     if args.checkpoint:
         folders = args.checkpoint
         steps = [_step_of(folder, i) for i, folder in enumerate(folders)]
@@ -324,13 +342,20 @@ def _run(args) -> None:
         loaded.plane,
         [Checkpoint(step) for step in steps],
         scorer,
-        pipeline.Output(destination, processing_class=loaded.tokenizer, sources=sources),
+        pipeline.Output(
+            destination,
+            processing_class=loaded.tokenizer,
+            sources=sources,
+            write=_main_process(),
+            show_progress=_main_process(),
+        ),
         settings=args.settings,
         heldout=heldout,
         score_base=True,
     )
-    print()
-    print(report.to_markdown())
+    if _main_process():
+        print()
+        print(report.to_markdown())
 
 
 def _apply(args) -> None:

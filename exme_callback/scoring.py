@@ -121,9 +121,9 @@ class Evaluator:
 
     def fingerprint(self) -> dict:
         """What identifies this evaluator's scores, for the sweep's journal (`journal`): a journal written with
-        another fingerprint is not reused. The default is the class and the public attributes that are plain values
-        (numbers, strings, their lists and dicts); override it when the scores depend on something else (data)."""
-        return {"type": f"{type(self).__module__}.{type(self).__qualname__}", **_plain_attributes(self)}
+        another fingerprint is not reused. The default is the class and its `directions`; override it to add what
+        the scores depend on (the data, the settings), as the built-in evaluators do."""
+        return {"type": f"{type(self).__module__}.{type(self).__qualname__}", "directions": self.directions}
 
     def __call__(
         self, model: torch.nn.Module, items: Mapping[str, Sequence[int]] | None = None
@@ -166,19 +166,6 @@ class FunctionEvaluator(Evaluator):
 
     def __repr__(self) -> str:
         return f"FunctionEvaluator({self.fn!r})"
-
-
-def _plain_attributes(evaluator: Evaluator) -> dict:
-    """The public instance attributes of `evaluator` that are plain JSON values."""
-
-    def plain(value) -> bool:
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return True
-        if isinstance(value, (list, tuple)):
-            return all(plain(v) for v in value)
-        return isinstance(value, Mapping) and all(isinstance(k, str) and plain(v) for k, v in value.items())
-
-    return {name: value for name, value in vars(evaluator).items() if not name.startswith("_") and plain(value)}
 
 
 def as_evaluator(fn: Evaluator | Callable[..., Mapping[str, Any]], name: str = "evaluator") -> Evaluator:

@@ -26,6 +26,7 @@ Evaluation is split across the ranks of any distributed run: `share` gives each 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ __all__ = [
     "gather",
     "gathered_state_dict",
     "is_sharded",
+    "launched_processes",
     "local",
     "local_tensors",
     "rank",
@@ -174,6 +176,25 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def launched_processes(device: str = "cpu"):
+    """Under `torchrun` or `accelerate launch` (`WORLD_SIZE` > 1 in the environment, no process group yet): join
+    the launcher's processes for the block (gloo on the CPU, NCCL on GPUs), each rank on its own device (`"cuda"`
+    becomes `"cuda:<LOCAL_RANK>"`), and leave the group at the end. Yields the device to use; in one process, or
+    when the group exists already, `device` as is (`exme run` under a launcher: the evaluation is split)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield device
+        return
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -4,6 +4,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -376,4 +378,40 @@ def test_exme_run_again_on_the_same_output_evaluates_only_what_its_journal_lacks
     resumed, fresh = (json.loads((tmp_path / f / "exme_report.json").read_text()) for f in ("out", "fresh"))
     assert {**resumed, "saved": None} == {**fresh, "saved": None}
     ours, theirs = (load_file(tmp_path / f / "model.safetensors") for f in ("out", "fresh"))
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours) and ours.keys() == theirs.keys()
+
+
+def test_exme_run_under_torchrun_splits_the_documents_and_matches_one_process(full_run, tmp_path):
+    from conftest import write_lm_eval_tasks
+
+    root, run_dir, _ = full_run
+    names = write_lm_eval_tasks(tmp_path / "tasks")  # 8 multiple-choice documents, 4 generation documents
+    script = os.path.join(os.path.dirname(__file__), "_cli_run.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def exme_run(launcher, name):
+        argv = ["run", str(run_dir), "--tasks", *names, "--include-path", str(tmp_path / "tasks")]
+        argv += ["--metric", "exme/checkpoint/eval_loss", "--output-dir", str(tmp_path / name / "exme")]
+        result = subprocess.run([*launcher, script, str(tmp_path / name), *argv], env=env, capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        return json.loads((tmp_path / name / "exme" / "exme_report.json").read_text()), result
+
+    one, _ = exme_run([sys.executable], "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two, printed = exme_run(torchrun, "two")
+    assert printed.stdout.decode().count("| ExMe |") == 1  # the table, from the main process only
+
+    calls = [json.loads((tmp_path / "two" / f"documents-rank{r}.json").read_text()) for r in (0, 1)]
+    alone = json.loads((tmp_path / "one" / "documents-rank0.json").read_text())
+    assert alone == [8 + 4] * len(alone) and len(alone) == 2 + 1 + 19  # the checkpoints, the base, the sweep
+    assert calls == [[4 + 2] * len(alone)] * 2  # each rank half of each task's documents, at every call
+    for a, b in zip(one["candidates"], two["candidates"], strict=True):
+        assert (a["kind"], a["coefficients"], a["metrics"], a["score"]) == (
+            b["kind"],
+            b["coefficients"],
+            b["metrics"],
+            b["score"],
+        )
+    assert one["final"]["coefficients"] == two["final"]["coefficients"]
+    ours, theirs = (load_file(tmp_path / f / "exme" / "model.safetensors") for f in ("one", "two"))
     assert all(torch.equal(ours[key], theirs[key]) for key in ours) and ours.keys() == theirs.keys()

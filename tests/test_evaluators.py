@@ -434,6 +434,11 @@ def test_lm_eval_requests_are_built_once_with_the_same_few_shot_examples(three_t
     assert subset[f"{choice}/acc"] == [full[f"{choice}/acc"][i] for i in (5, 0, 2)]
     assert again == full
     assert evaluator.documents_scored == 8 + 3 + 8
+    # The journal's fingerprint follows the settings, not the calls made.
+    same = LMEvalEvaluator([choice], make_tokenizer(), include_path=str(folder), num_fewshot=2, batch_size=4)
+    assert evaluator.fingerprint() == same.fingerprint()
+    other = LMEvalEvaluator([choice], make_tokenizer(), include_path=str(folder), num_fewshot=1, batch_size=4)
+    assert other.fingerprint() != evaluator.fingerprint()
 
     # The prompts are lm-eval's for one process with the seed set before building (two examples drawn per doc).
     fresh = TaskManager(include_path=str(folder)).load([choice])["tasks"][choice]

@@ -120,6 +120,12 @@ class LMEvalEvaluator(Evaluator):
         self._lm = None  # lm-eval's wrapper of the live model, built on the first call
         self._built: dict[str, BuiltTask] | None = None  # each task's instances, built on the first call
 
+    def fingerprint(self) -> dict:
+        """The tasks, their few-shot settings, and how they are run (for the sweep's journal)."""
+        fewshot = {name: task.get_config("num_fewshot") for name, task in self._tasks["tasks"].items()}
+        settings = {"limit": self.limit, "batch_size": self.batch_size, "seed": self.seed}
+        return {"type": "lm-eval", "num_fewshot": fewshot, "chat": self.apply_chat_template, **settings}
+
     def use_tokenizer(self, tokenizer) -> None:
         """Take the trainer's tokenizer when none was given at construction; one given is kept."""
         if self.tokenizer is None:

@@ -149,6 +149,11 @@ class LossEvaluator(Evaluator):
         masked = len(tokenizer(record["prompt"])["input_ids"]) if self.format == "prompt-completion" else 0
         return ids[: self.max_length], min(masked, self.max_length)
 
+    def fingerprint(self) -> dict:
+        """The records' size and format, and how they are batched (for the sweep's journal)."""
+        settings = ("format", "num_records", "num_tokens", "batch_size", "max_length")
+        return {"type": "loss", **{name: getattr(self, name) for name in settings}}
+
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         was_training = model.training
