@@ -204,3 +204,22 @@ def test_dpo_lora_against_the_base_with_the_adapter_disabled(tmp_path, tokenizer
     expected = dpo_metrics(reloaded, make_llama(), trainer.eval_dataset)
     assert_close(report.final.metrics["eval_loss"], expected["eval_loss"], rtol=1e-5, atol=1e-6)
     assert report.final.metrics["eval_rewards/accuracies"] == expected["eval_rewards/accuracies"]
+
+
+def test_lora_without_a_ref_model_refuses_candidates_in_the_base_layers(tmp_path, tokenizer, one_thread, monkeypatch):
+    """The reference is the model with its adapters disabled: TIES and DARE candidates, written into the base
+    layers, move it with the policy. Refused before training; unchecked, each would score exactly log 2."""
+    from peft import LoraConfig
+
+    from exme_callback import preflight
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(NotImplementedError, match="`baselines=True` under DPOTrainer without a `ref_model`"):
+        train_dpo(tmp_path / "refused", tokenizer, peft_config=lora, baselines=True)
+    assert not (tmp_path / "refused" / f"checkpoint-{EVAL_STEPS}").exists()  # before the first step
+
+    monkeypatch.setattr(preflight, "check_reference", lambda *args: None)
+    _, callback = train_dpo(tmp_path / "unchecked", tokenizer, peft_config=lora, baselines=True)
+    off_span = [c for c in callback.report.candidates if c.kind in ("ties", "dare")]
+    assert len(off_span) == 6 and all(c.metrics["eval_rewards/margins"] == 0.0 for c in off_span)
+    assert_close([c.score for c in off_span], [math.log(2)] * 6, rtol=1e-6, atol=0)
