@@ -55,7 +55,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def train_dpo(tmp_path, tokenizer, ref_model=None, peft_config=None, **callback_kwargs):
+def train_dpo(tmp_path, tokenizer, ref_model=None, peft_config=None, config=None, **callback_kwargs):
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
@@ -76,6 +76,7 @@ def train_dpo(tmp_path, tokenizer, ref_model=None, peft_config=None, **callback_
         disable_tqdm=True,
         use_cpu=True,
         seed=0,
+        **(config or {}),
     )
     trainer = DPOTrainer(
         model=make_llama(),
@@ -208,7 +209,8 @@ def test_dpo_lora_against_the_base_with_the_adapter_disabled(tmp_path, tokenizer
 
 def test_lora_without_a_ref_model_refuses_candidates_in_the_base_layers(tmp_path, tokenizer, one_thread, monkeypatch):
     """The reference is the model with its adapters disabled: TIES and DARE candidates, written into the base
-    layers, move it with the policy. Refused before training; unchecked, each would score exactly log 2."""
+    layers, move it with the policy. Refused before training; unchecked, each would score exactly log 2; with the
+    reference log-probs computed before training, they are allowed and scored against the base."""
     from peft import LoraConfig
 
     from exme_callback import preflight
@@ -223,3 +225,11 @@ def test_lora_without_a_ref_model_refuses_candidates_in_the_base_layers(tmp_path
     off_span = [c for c in callback.report.candidates if c.kind in ("ties", "dare")]
     assert len(off_span) == 6 and all(c.metrics["eval_rewards/margins"] == 0.0 for c in off_span)
     assert_close([c.score for c in off_span], [math.log(2)] * 6, rtol=1e-6, atol=0)
+
+    # With the reference log-probs computed before training, the same candidates are scored against the base.
+    monkeypatch.undo()
+    precomputed = {"precompute_ref_log_probs": True}
+    _, callback = train_dpo(tmp_path / "precomputed", tokenizer, peft_config=lora, config=precomputed, baselines=True)
+    off_span = [c for c in callback.report.candidates if c.kind in ("ties", "dare")]
+    assert len(off_span) == 6 and all(c.metrics["eval_rewards/margins"] != 0.0 for c in off_span)
+    assert all(c.score < math.log(2) for c in off_span)

@@ -55,7 +55,10 @@ def test_a_reference_from_the_disabled_adapter_refuses_candidates_in_the_base_la
     # A reference of its own, reference log-probs computed before training, or an evaluator that does not use
     # the reference: the candidates are scored as they are.
     check_reference(dpo_like(ref_model=make_llama()), model, settings, [TrainerEvaluator(trainer)])
-    check_reference(dpo_like(precompute=True), model, settings, [TrainerEvaluator(trainer)])
+    precomputed = dpo_like(precompute=True)
+    check_reference(precomputed, model, settings, [TrainerEvaluator(precomputed)])
+    with pytest.raises(NotImplementedError, match=named):  # another dataset's reference is computed at each call
+        check_reference(precomputed, model, settings, [aggregate, TrainerEvaluator(precomputed, eval_dataset=[])])
     check_reference(trainer, model, settings, [aggregate, None])
     check_reference(SimpleNamespace(args=SimpleNamespace()), model, settings, [TrainerEvaluator(trainer)])  # SFT
 
