@@ -180,6 +180,7 @@ class ExMeCallback(TrainerCallback):
         uses_trainer = isinstance(self.evaluator, TrainerEvaluator)
         preflight.check_trainer_run(args, self.trainer, needs_eval_dataset=uses_trainer)
         preflight.check_model(model, self.save_merged, self.settings, self.base_model)
+        preflight.check_reference(self.trainer, model, self.settings, (self.evaluator, self.report_evaluator))
         if state.is_world_process_zero:
             preflight.check_writable(self._destination, "`output_dir` (of the callback or of the training arguments)")
         tokenizer = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
@@ -191,9 +192,8 @@ class ExMeCallback(TrainerCallback):
         )
         self._scorer = Scorer(self.evaluator, self.objective, trainer=self.trainer)
         if self.report_evaluator is not None:
-            self.heldout_objective = self.heldout_objective or Objective(
-                self.report_evaluator.directions or self.objective.metrics
-            )
+            directions = self.report_evaluator.directions or self.objective.metrics
+            self.heldout_objective = self.heldout_objective or Objective(directions)
             self._heldout = Scorer(self.report_evaluator, self.heldout_objective, "report_evaluator", self.trainer)
         # Under FSDP2 and ZeRO-3 each rank keeps its own shards; every rank of a multi-process run has its own folder.
         self._sharded = sharding.is_sharded(model)

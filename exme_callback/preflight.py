@@ -12,13 +12,14 @@ import torch
 from . import sharding
 from .candidates import Candidate, Checkpoint
 from .errors import InputError, StorageError, UnsupportedError
+from .evaluators import TrainerEvaluator
 from .fusing import check_fusable, is_quantized, unquantized_base
 from .lora import check_peft_model, is_peft_model
 from .scoring import as_evaluator
 from .settings import SearchSettings
 from .snapshots import trainable_tensors
 
-__all__ = ["check_items", "check_model", "check_racing", "check_trainer_run", "check_writable"]
+__all__ = ["check_items", "check_model", "check_racing", "check_reference", "check_trainer_run", "check_writable"]
 
 
 def check_trainer_run(args, trainer=None, needs_eval_dataset: bool = False) -> None:
@@ -74,6 +75,33 @@ def check_model(
     if not trainable_tensors(model):
         raise InputError(
             "ExMe found no trainable parameters in the model (all have `requires_grad=False`): nothing to extrapolate."
+        )
+
+
+def check_reference(trainer, model: torch.nn.Module, settings: SearchSettings, evaluators: Sequence) -> None:
+    """Refuse, under a preference trainer (TRL's `DPOTrainer`, `KTOTrainer`: a trainer with a `ref_model`) whose
+    reference is the LoRA model with its adapters disabled (no `ref_model`), the candidates that write into the
+    base layers (DoRA's dense fallback, `settings`' TIES and DARE baselines, DARE-sparsified M^3) when the trainer's
+    evaluation scores them (`evaluators`): they would move the reference with the policy, and be scored against
+    themselves. With `precompute_ref_log_probs=True` the trainer's own `eval_dataset` carries reference log-probs
+    computed before training, but a `TrainerEvaluator` on another dataset recomputes them at every call."""
+    if getattr(trainer, "ref_model", True) is not None or not is_peft_model(model):
+        return  # no preference trainer, or a reference model of its own (unchanged by the candidates)
+    scorers = [evaluator for evaluator in evaluators if isinstance(evaluator, TrainerEvaluator)]
+    precomputed = getattr(trainer.args, "precompute_ref_log_probs", False)
+    if not scorers or (precomputed and all(scorer.eval_dataset is None for scorer in scorers)):
+        return  # scored without the reference, or against log-probs computed from the base before training
+    dense = [f"`{name}={getattr(settings, name)!r}`" for name in ("baselines", "dare") if getattr(settings, name)]
+    if model.peft_config[model.active_adapter].use_dora:
+        dense.append("DoRA (`use_dora=True`)")
+    if dense:
+        raise UnsupportedError(
+            f"{' and '.join(dense)} under {type(trainer).__name__} without a `ref_model`: its reference is the "
+            "model with its adapters disabled, and these candidates write dense weights into the base layers, so each "
+            "would be scored against itself (under DPO, a loss of exactly log 2). Pass `ref_model=` to the trainer "
+            "(the model before training), or `precompute_ref_log_probs=True` (scoring with the trainer's own "
+            "`eval_dataset`), or leave `baselines`/`dare` unset and train LoRA without DoRA, or score the candidates "
+            "with an evaluator that does not use the reference (`evaluator=LMEvalEvaluator(...)`)."
         )
 
 
