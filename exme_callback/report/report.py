@@ -124,14 +124,13 @@ class Report:
             "search": self.search,
             "item_evaluations": self.item_evaluations,
             "grid_item_evaluations": self.grid_item_evaluations,
-            "items_file": REPORT_ITEMS if self.items() is not None else None,
+            "items_file": REPORT_ITEMS if self._has_items() else None,
         }
 
     def items(self) -> dict | None:
         """The per-item scores of the base and of every candidate (in `candidates`' order), as `exme_items.json`
         stores them, with what the intervals were computed with; `None` when no evaluation was per item."""
-        rows = [self.base, *self.candidates]
-        if not any(c is not None and (c.items or c.heldout_items) for c in rows):
+        if not self._has_items():
             return None
         return {
             "gain_weights": dict(self.gain_weights),
@@ -141,6 +140,9 @@ class Report:
             "base": None if self.base is None else _items(self.base),
             "candidates": [_items(c) for c in self.candidates],
         }
+
+    def _has_items(self) -> bool:
+        return any(c is not None and (c.items or c.heldout_items) for c in [self.base, *self.candidates])
 
     def to_markdown(self) -> str:
         """The paper-style table (`markdown.to_markdown`)."""
