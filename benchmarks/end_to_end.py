@@ -56,9 +56,10 @@ import torch
 from exme_callback import pipeline
 from exme_callback.candidates import Candidate
 from exme_callback.evaluators import LMEvalEvaluator
+from exme_callback.objective import Objective
 from exme_callback.report import Report
 from exme_callback.runs import load_plane, rank_run
-from exme_callback.scoring import Objective, Scorer
+from exme_callback.scoring import Scorer
 from exme_callback.settings import SearchSettings
 from exme_callback.strategies import ExMe
 

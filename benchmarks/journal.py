@@ -27,7 +27,8 @@ from quickstart import load_model, load_splits  # noqa: E402
 
 from exme_callback import LMEvalEvaluator  # noqa: E402
 from exme_callback.journal import Evaluation, Journal  # noqa: E402
-from exme_callback.scoring import Objective, Scorer  # noqa: E402
+from exme_callback.objective import Objective  # noqa: E402
+from exme_callback.scoring import Scorer  # noqa: E402
 
 ROWS = 19  # a default sweep's candidates: one journal line each
 

@@ -236,7 +236,10 @@ def main() -> None:
         print_scaling([_candidates_of(path) for path in paths])
         return
     reports = []
-    rows = [run_seed(seed, args, reports) for seed in args.seeds]
+    rows = []
+    for seed in args.seeds:
+        rows.append(run_seed(seed, args, reports))
+        print(f"seed {seed}: " + ", ".join(f"{k} {_cell(v)}" for k, v in rows[-1].items()), flush=True)
 
     print(
         f"\n{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; quickstart setting, "

@@ -4,7 +4,8 @@ from .callback import ExMeCallback
 from .candidates import Candidate, Checkpoint
 from .evaluators import LMEvalEvaluator, LossEvaluator, TrainerEvaluator
 from .merges import Merge
-from .scoring import Evaluator, Objective
+from .objective import Objective
+from .scoring import Evaluator
 from .settings import SearchSettings
 from .span import combine, extrapolate, interpolate, span_point
 from .strategies import Search, Strategy, exme_coefficients

@@ -18,10 +18,11 @@ from . import pipeline, preflight, sharding
 from .candidates import Candidate, Checkpoint, rank_checkpoints
 from .errors import InputError, InputTypeError
 from .evaluators import TrainerEvaluator
+from .objective import Objective
 from .planes import make_plane, sources_of
 from .report import Report, log_report
 from .resume import checkpoint_folder, load_resume_state, save_resume_state
-from .scoring import Evaluator, Objective, Scorer, as_evaluator
+from .scoring import Evaluator, Scorer, as_evaluator
 from .settings import SearchSettings
 from .snapshots import STORAGES, SnapshotStore, trainable_tensors
 from .strategies import DEFAULT_ALPHAS, DEFAULT_BETAS

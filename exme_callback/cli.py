@@ -404,7 +404,8 @@ def _kinship(args) -> None:
 def _scorer(tasks, include_path, data, loaded, args):
     from .errors import MissingFileError
     from .evaluators import LMEvalEvaluator, LossEvaluator
-    from .scoring import Objective, Scorer
+    from .objective import Objective
+    from .scoring import Scorer
 
     if loaded.tokenizer is None:
         raise MissingFileError(

@@ -38,12 +38,13 @@ from .io import publish_dir
 from .journal import JOURNAL_SUFFIX, Evaluation, Journal, fingerprint
 from .kinship import METRICS, Gram
 from .merges import Merge
+from .objective import Objective, item_group
 from .planes import Plane
 from .preflight import check_items
 from .report import Report
-from .scoring import Objective, Scorer
+from .scoring import Scorer
 from .settings import SearchSettings
-from .strategies import AUTO, Racing, Search, item_group, scored_alphas
+from .strategies import AUTO, Racing, Search, scored_alphas
 
 __all__ = ["Output", "Sweep", "evaluate_base", "run", "search_order"]
 

@@ -27,9 +27,9 @@ import torch
 from .candidates import Checkpoint, rank_checkpoints
 from .errors import InputError, MissingExtraError, MissingFileError, MissingNameError, UnsupportedError
 from .io import SAFETENSORS, SAFETENSORS_INDEX, SafetensorsMapping, safetensors_files
+from .objective import metric_key
 from .planes import Plane, make_plane
 from .preflight import check_model
-from .scoring import metric_key
 from .snapshots import STATE_DIR, STATE_FILE, trainable_tensors
 
 __all__ = ["LoadedRun", "RankedRun", "base_of", "load_plane", "rank_run", "resolve_metric"]

@@ -11,9 +11,10 @@ from torch.testing import assert_close
 from exme_callback import pipeline
 from exme_callback.candidates import Checkpoint
 from exme_callback.intervals import gain_interval
+from exme_callback.objective import Objective
 from exme_callback.pipeline import Output
 from exme_callback.planes import DensePlane
-from exme_callback.scoring import Objective, Scorer
+from exme_callback.scoring import Scorer
 from exme_callback.settings import SearchSettings
 from exme_callback.snapshots import trainable_tensors
 from exme_callback.strategies import Strategy, exme_coefficients, mixup_draws

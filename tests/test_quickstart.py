@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from exme_callback import LMEvalEvaluator
 from exme_callback.cli import main
-from exme_callback.scoring import Objective, Scorer
+from exme_callback.objective import Objective
+from exme_callback.scoring import Scorer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))

@@ -8,7 +8,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..kinship import METRICS as KINSHIP
-from ..scoring import metric_key
+from ..objective import metric_key
 from ..strategies import edge_notices
 
 if TYPE_CHECKING:

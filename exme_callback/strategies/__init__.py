@@ -43,7 +43,7 @@ from .exme import (
 )
 from .line import Noise, walk_line
 from .mixup import Mixup, mixup_draws
-from .racing import RACING_MIN_ITEMS, RACING_ROUNDS, Racing, item_group, racing_rounds
+from .racing import RACING_MIN_ITEMS, RACING_ROUNDS, Racing, racing_rounds
 from .topk_greedy import TopkGreedy
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
     "TopkGreedy",
     "edge_notices",
     "exme_coefficients",
-    "item_group",
     "mixup_draws",
     "racing_rounds",
     "run_strategy",

@@ -11,9 +11,10 @@ from functools import partial
 import torch
 
 from ..candidates import Candidate, best
+from ..objective import item_group
 from .line import Noise, walk_line
 
-__all__ = ["RACING_MIN_ITEMS", "RACING_ROUNDS", "Racing", "item_group", "racing_rounds"]
+__all__ = ["RACING_MIN_ITEMS", "RACING_ROUNDS", "Racing", "racing_rounds"]
 
 RACING_ROUNDS = (0.125, 0.25, 0.5, 1.0)  # the share of each group's items every candidate still racing is scored on
 RACING_MIN_ITEMS = 64  # the fewest new items a round scores per candidate (over all groups), but the last
@@ -44,12 +45,6 @@ def racing_rounds(sizes: dict[str, int], min_items: int | None = None) -> list[f
 
 def _hyper_text(candidate: Candidate) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in candidate.hyper.items())
-
-
-def item_group(metric: str) -> str:
-    """The items a metric is measured on: its task (the name's prefix before `/`, as `LMEvalEvaluator` names
-    metrics), or the metric itself."""
-    return metric.split("/", 1)[0] if "/" in metric else metric
 
 
 @dataclass
