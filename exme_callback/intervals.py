@@ -12,7 +12,8 @@ $$
 over the `M` metrics of the score (the sign makes a gain positive when better). The paired bootstrap (Efron &
 Tibshirani 1993; Koehn 2004 for evaluation sets) draws the items with replacement, the same draw for both models,
 and recomputes `g`; the interval is the `(1 - level) / 2` and `(1 + level) / 2` quantiles of `iterations` draws.
-Metrics of the same task (the name's prefix before `/`, as `LMEvalEvaluator` names them) are drawn together.
+Metrics of the same task (`objective.item_group`: the name's prefix before `/`, as `LMEvalEvaluator` names them)
+are drawn together.
 
 Pure torch: no models.
 
@@ -35,6 +36,7 @@ from numbers import Real
 import torch
 
 from .errors import InputError
+from .objective import item_group
 
 __all__ = ["Items", "check_level", "gain_interval"]
 
@@ -84,7 +86,7 @@ def gain_interval(
                 f"The per-item scores of `{metric}` differ between two evaluations ({tuple(a.shape)} and "
                 f"{tuple(b.shape)} items): an evaluator must score the same items, in the same order, every time."
             )
-        key = (metric.split("/", 1)[0] if "/" in metric else metric, len(a))
+        key = (item_group(metric), len(a))
         groups[key] = groups.get(key, 0) + weight * (a - b)
     generator = torch.Generator().manual_seed(seed)
     draws = torch.zeros(iterations, dtype=torch.float64)
