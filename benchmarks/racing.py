@@ -17,6 +17,7 @@ choice outside the rows is counted as not measured). It prints, per seed and ove
 
     python benchmarks/racing.py --seeds 0 1 2     # about 11 minutes per seed on 2 CPU cores
     python benchmarks/racing.py --documents 256   # selection sets of 4 x 256 documents
+    python benchmarks/racing.py --documents 256 --replay   # racing replayed on that run's recorded scores
 """
 
 import argparse
@@ -204,6 +205,70 @@ def _simulated_race(accuracies: list[float], n: int, seed: int, line: bool) -> t
     return race.item_evaluations, int(best(group, True).hyper["position"])
 
 
+def replay(grid_dir: str, seed: int, rounds: tuple[float, ...] | None = None) -> dict:
+    """Racing replayed through the pipeline on a grid run's recorded per-item scores (`exme_report.json` and
+    `exme_items.json` in `grid_dir`): the item evaluations racing makes, its choice and its rounds, without the
+    model (the per-item scores of a subset are the grid's, the evaluation being per document). A k-parameter
+    model stands for the span: its weights are the candidate's coefficients, looked up in the grid's candidates."""
+    import tempfile
+
+    from exme_callback import Checkpoint, Objective, SearchSettings, pipeline
+    from exme_callback.objective import item_group
+    from exme_callback.planes import DensePlane
+    from exme_callback.scoring import Scorer
+    from exme_callback.strategies import racing
+
+    with open(os.path.join(grid_dir, "exme_report.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(grid_dir, "exme_items.json")) as f:
+        items = json.load(f)
+    recorded = [
+        (tuple(c["coefficients"]), i["items"])
+        for c, i in zip(report["candidates"], items["candidates"], strict=True)
+        if c["coefficients"]
+    ]
+    k = len(recorded[0][0])
+    checkpoints = [
+        Checkpoint(c["steps"][i], c["score"], c["metrics"], i_["items"])
+        for i, (c, i_) in enumerate(zip(report["candidates"][:k], items["candidates"][:k], strict=True))
+    ]
+    model = torch.nn.Module()
+    model.c = torch.nn.Parameter(torch.zeros(k, dtype=torch.float64))
+    unit = [{"c": torch.eye(k, dtype=torch.float64)[i]} for i in range(k)]
+    plane = DensePlane(
+        {"c": model.c.data}, {"c": torch.zeros(k, dtype=torch.float64)}, unit, {"c": model.c.data.clone()}
+    )
+
+    def evaluate(model, items=None):
+        point = model.c.detach().tolist()
+        found = [v for c, v in recorded if max(abs(a - b) for a, b in zip(c, point, strict=True)) < 1e-6]
+        if not found:
+            raise KeyError(f"no recorded candidate at {point}")
+        if items is None:
+            return found[0]
+        return {m: [v[i] for i in items[item_group(m)]] for m, v in found[0].items()}
+
+    objective = Objective({m: w > 0 for m, w in items["gain_weights"].items()})
+    saved = racing.RACING_ROUNDS
+    if rounds is not None:
+        racing.RACING_ROUNDS = rounds
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            output = pipeline.Output(os.path.join(folder, "exme"), write=False, show_progress=False)
+            settings = SearchSettings(search="racing", seed=seed)
+            result = pipeline.run(model, plane, checkpoints, Scorer(evaluate, objective), output, settings=settings)
+    finally:
+        racing.RACING_ROUNDS = saved
+    grid_final = tuple(report["final"]["coefficients"]) if report["final"]["coefficients"] else None
+    return {
+        "seed": seed,
+        "grid items": report["grid_item_evaluations"],
+        "racing items": result.item_evaluations,
+        "ratio": report["grid_item_evaluations"] / result.item_evaluations,
+        "racing = grid": result.final.coefficients == grid_final,
+    }
+
+
 def _hyper(candidate) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in candidate.hyper.items()) or f"step {max(filter(None, candidate.steps))}"
 
@@ -230,7 +295,22 @@ def main() -> None:
     parser.add_argument(
         "--simulate-only", action="store_true", help="only the simulated table, from the grid reports of a past run"
     )
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="only racing's item evaluations and choice, replayed on the per-item scores of a past run's grids",
+    )
     args = parser.parse_args()
+    if args.replay:
+        rows = [replay(os.path.join(args.output_dir, f"seed-{seed}", "exme-grid"), seed) for seed in args.seeds]
+        for row in rows:
+            print(f"seed {row['seed']}: " + ", ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "seed"))
+        items = sum(r["grid items"] for r in rows) / sum(r["racing items"] for r in rows)
+        print(
+            f"over {len(rows)} seeds: {items:.2f}x fewer item evaluations; the grid's choice in "
+            f"{sum(r['racing = grid'] for r in rows)} of {len(rows)}"
+        )
+        return
     if args.simulate_only:
         paths = [os.path.join(args.output_dir, f"seed-{seed}", "exme-grid", "exme_report.json") for seed in args.seeds]
         print_scaling([_candidates_of(path) for path in paths])

@@ -153,6 +153,16 @@ def logits(model, tokenizer):
         return model(**batch).logits
 
 
+@pytest.fixture(autouse=True)
+def ieee_float32_matmuls():
+    """Float32 matmuls in full precision for every test: the tests compare float32 results with references at
+    float32's tolerances, and a process set to `torch.set_float32_matmul_precision("medium")` (or oneDNN's bf16
+    mode) computes them in bf16 on CPUs that have it (3e-5 apart in the QLoRA logits)."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    yield
+
+
 @pytest.fixture
 def regression():
     """A fresh regression model, its training and evaluation data."""
