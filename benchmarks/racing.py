@@ -207,7 +207,7 @@ def _simulated_race(accuracies: list[float], n: int, seed: int, line: bool) -> t
 
 def replay(grid_dir: str, seed: int, rounds: tuple[float, ...] | None = None) -> dict:
     """Racing replayed through the pipeline on a grid run's recorded per-item scores (`exme_report.json` and
-    `exme_items.json` in `grid_dir`): the item evaluations racing makes, its choice and its rounds, without the
+    `exme_items.json` in `grid_dir`): the item evaluations racing makes and its choice, without the
     model (the per-item scores of a subset are the grid's, the evaluation being per document). A k-parameter
     model stands for the span: its weights are the candidate's coefficients, looked up in the grid's candidates."""
     import tempfile
@@ -229,8 +229,8 @@ def replay(grid_dir: str, seed: int, rounds: tuple[float, ...] | None = None) ->
     ]
     k = len(recorded[0][0])
     checkpoints = [
-        Checkpoint(c["steps"][i], c["score"], c["metrics"], i_["items"])
-        for i, (c, i_) in enumerate(zip(report["candidates"][:k], items["candidates"][:k], strict=True))
+        Checkpoint(c["steps"][i], c["score"], c["metrics"], scores["items"])
+        for i, (c, scores) in enumerate(zip(report["candidates"][:k], items["candidates"][:k], strict=True))
     ]
     model = torch.nn.Module()
     model.c = torch.nn.Parameter(torch.zeros(k, dtype=torch.float64))

@@ -160,7 +160,6 @@ def ieee_float32_matmuls():
     mode) computes them in bf16 on CPUs that have it (3e-5 apart in the QLoRA logits)."""
     torch.set_float32_matmul_precision("highest")
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-    yield
 
 
 @pytest.fixture
