@@ -55,9 +55,10 @@ class SearchSettings:
         choose_from (`str`, *optional*, defaults to `"all"`): `"all"` candidates, or `"exme"` merges only.
         baselines (`bool`, *optional*, defaults to `False`): also score the weighted, TIES and DARE merges.
         search (`str`, *optional*, defaults to `"grid"`): how each stage of the search is scored (the alphas of
-            EXPO-1, of EXPO-2, the betas): `"grid"` scores every candidate on every item; `"racing"` scores them on
-            growing subsets of the items and stops those clearly below the leader (`strategies.Racing`); needs an
-            evaluator that scores a subset of its items.
+            EXPO-1, of EXPO-2, the betas; M^3's draws): `"grid"` scores every candidate on every item; `"racing"`
+            scores them on growing subsets of the items and stops those clearly below the leader
+            (`strategies.Racing`); needs an evaluator that scores a subset of its items. Not with
+            `strategy="topk_greedy"`, which scores one merge at a time.
         confidence (`float`, *optional*, defaults to 0.95): the level of the gains' confidence intervals, in (0, 1).
         min_gain (`float` or `str`, *optional*): keep the best checkpoint unless a candidate beats it by more than
             this: a gain of the selection score (>= 0, in its units), or `"significant"`: the gain's confidence
@@ -161,8 +162,11 @@ class SearchSettings:
                 "`partner='kinship'` chooses SFT-2 among the kept checkpoints after the best, which needs a choice: "
                 f"set `top_k` >= 3, got {self.top_k}"
             )
-        if self.search == "racing" and self.strategy in ("mixup", "topk_greedy"):
-            raise InputError(f"`search='racing'` races the ExMe strategy's stages, not `strategy={self.strategy!r}`.")
+        if self.search == "racing" and self.strategy == "topk_greedy":
+            raise InputError(
+                "`search='racing'` races a group of candidates scored together (ExMe's stages, M^3's draws); "
+                "`strategy='topk_greedy'` scores its merges one at a time: use `search='grid'`."
+            )
         if (self.baselines or self.dare is not None) and importlib.util.find_spec("peft") is None:
             raise MissingExtraError(
                 "TIES and DARE merges (`baselines=True`, `dare=`) use PEFT: `pip install 'exme-callback[peft]'`."

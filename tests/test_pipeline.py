@@ -389,6 +389,19 @@ def test_racing_chooses_the_grids_model_with_fewer_item_evaluations(tmp_path, mo
     assert "Racing: " in (tmp_path / "racing" / "exme" / "exme_report.md").read_text()
 
 
+def test_racing_races_m3s_draws_to_the_grids_choice(tmp_path, monkeypatch):
+    monkeypatch.setattr("exme_callback.strategies.racing.RACING_MIN_ITEMS", 1)  # rounds of any size
+    grid = per_item_run(tmp_path / "grid", ItemEvaluator(), strategy="mixup", mixup_draws=6)
+    evaluator = ItemEvaluator()
+    racing = per_item_run(tmp_path / "racing", evaluator, strategy="mixup", mixup_draws=6, search="racing")
+    assert racing.final.kind == grid.final.kind == "mixup" and racing.final.hyper == grid.final.hyper
+    assert racing.final.score == pytest.approx(grid.final.score)
+    assert grid.item_evaluations == 6 * len(NOISE)
+    assert racing.item_evaluations == evaluator.items_scored < grid.item_evaluations
+    stopped = [c for c in racing.candidates if c.error and "stopped by racing" in c.error]
+    assert stopped and all(c.kind == "mixup" for c in stopped)
+
+
 # ---- the pipeline's own entry: unscored checkpoints, the base, a strategy of the user's -------------------------
 
 

@@ -40,9 +40,10 @@ def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):
         SearchSettings(**kwargs)
 
 
-def test_racing_needs_the_exme_strategy():
-    with pytest.raises(ValueError, match="`search='racing'` races the ExMe strategy's stages"):
-        SearchSettings(strategy="mixup", search="racing")
+def test_racing_needs_a_strategy_that_scores_groups():
+    assert SearchSettings(strategy="mixup", search="racing").search == "racing"  # M^3's draws are one group
+    with pytest.raises(ValueError, match="`strategy='topk_greedy'` scores its merges one at a time"):
+        SearchSettings(strategy="topk_greedy", search="racing")
     with pytest.raises(ValueError, match="`search` must be one of"):
         SearchSettings(search="bandit")
 
