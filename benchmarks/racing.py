@@ -205,11 +205,12 @@ def _simulated_race(accuracies: list[float], n: int, seed: int, line: bool) -> t
     return race.item_evaluations, int(best(group, True).hyper["position"])
 
 
-def replay(grid_dir: str, seed: int, rounds: tuple[float, ...] | None = None) -> dict:
+def replay(grid_dir: str, seed: int, rounds: tuple[float, ...] | None = None, margin: float = 0.0) -> dict:
     """Racing replayed through the pipeline on a grid run's recorded per-item scores (`exme_report.json` and
     `exme_items.json` in `grid_dir`): the item evaluations racing makes and its choice, without the
     model (the per-item scores of a subset are the grid's, the evaluation being per document). A k-parameter
-    model stands for the span: its weights are the candidate's coefficients, looked up in the grid's candidates."""
+    model stands for the span: its weights are the candidate's coefficients, looked up in the grid's candidates.
+    `rounds` replaces `RACING_ROUNDS`; `margin` is `racing_margin`."""
     import tempfile
 
     from exme_callback import Checkpoint, Objective, SearchSettings, pipeline
@@ -255,17 +256,19 @@ def replay(grid_dir: str, seed: int, rounds: tuple[float, ...] | None = None) ->
     try:
         with tempfile.TemporaryDirectory() as folder:
             output = pipeline.Output(os.path.join(folder, "exme"), write=False, show_progress=False)
-            settings = SearchSettings(search="racing", seed=seed)
+            settings = SearchSettings(search="racing", seed=seed, racing_margin=margin)
             result = pipeline.run(model, plane, checkpoints, Scorer(evaluate, objective), output, settings=settings)
     finally:
         racing.RACING_ROUNDS = saved
     grid_final = tuple(report["final"]["coefficients"]) if report["final"]["coefficients"] else None
     return {
         "seed": seed,
+        "margin": margin,
         "grid items": report["grid_item_evaluations"],
         "racing items": result.item_evaluations,
         "ratio": report["grid_item_evaluations"] / result.item_evaluations,
         "racing = grid": result.final.coefficients == grid_final,
+        "racing - grid selection": result.final.score - report["final"]["score"],  # both on every item
     }
 
 
@@ -300,16 +303,23 @@ def main() -> None:
         action="store_true",
         help="only racing's item evaluations and choice, replayed on the per-item scores of a past run's grids",
     )
+    parser.add_argument("--rounds", type=float, nargs="+", help="--replay: racing's rounds (RACING_ROUNDS)")
+    parser.add_argument("--margins", type=float, nargs="+", default=[0.0], help="--replay: racing_margin values")
     args = parser.parse_args()
     if args.replay:
-        rows = [replay(os.path.join(args.output_dir, f"seed-{seed}", "exme-grid"), seed) for seed in args.seeds]
-        for row in rows:
-            print(f"seed {row['seed']}: " + ", ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "seed"))
-        items = sum(r["grid items"] for r in rows) / sum(r["racing items"] for r in rows)
-        print(
-            f"over {len(rows)} seeds: {items:.2f}x fewer item evaluations; the grid's choice in "
-            f"{sum(r['racing = grid'] for r in rows)} of {len(rows)}"
-        )
+        rounds = None if args.rounds is None else tuple(args.rounds)
+        for margin in args.margins:
+            rows = [
+                replay(os.path.join(args.output_dir, f"seed-{seed}", "exme-grid"), seed, rounds, margin)
+                for seed in args.seeds
+            ]
+            for row in rows:
+                print(f"seed {row['seed']}: " + ", ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "seed"))
+            items = sum(r["grid items"] for r in rows) / sum(r["racing items"] for r in rows)
+            print(
+                f"margin {margin:g}, over {len(rows)} seeds: {items:.2f}x fewer item evaluations; the grid's choice "
+                f"in {sum(r['racing = grid'] for r in rows)} of {len(rows)}\n"
+            )
         return
     if args.simulate_only:
         paths = [os.path.join(args.output_dir, f"seed-{seed}", "exme-grid", "exme_report.json") for seed in args.seeds]

@@ -170,6 +170,7 @@ class Sweep:
             confidence=settings.confidence,
             min_gain=settings.min_gain,
             search=settings.search,
+            racing_margin=settings.racing_margin,
             seed=settings.seed,
             gain_weights=scorer.objective.gain_weights(),
         )
@@ -387,7 +388,10 @@ class Sweep:
 
         objective, settings = self.scorer.objective, self.settings
         gib = self.report.greater_is_better
-        return Racing(evaluate, sizes, objective, objective.gain_weights(), gib, settings.confidence, settings.seed)
+        weights = objective.gain_weights()
+        return Racing(
+            evaluate, sizes, objective, weights, gib, settings.confidence, settings.seed, settings.racing_margin
+        )
 
     def _count_items(self, race: Racing | None) -> None:
         """The item evaluations the search used, and those of its grid (every candidate on every item), when the

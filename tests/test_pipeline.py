@@ -1,6 +1,7 @@
 """The pipeline: a whole ExMe run on the regression model, failures, LoRA baselines."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from exme_callback.planes import DensePlane
 from exme_callback.scoring import Scorer
 from exme_callback.settings import SearchSettings
 from exme_callback.snapshots import trainable_tensors
-from exme_callback.strategies import Strategy, exme_coefficients, mixup_draws
+from exme_callback.strategies import Strategy, exme_coefficients, mixup_draws, racing_rounds
 
 TARGET = (2.5, 2.0)  # the (a, b) the closeness evaluator rewards
 
@@ -400,6 +401,22 @@ def test_racing_races_m3s_draws_to_the_grids_choice(tmp_path, monkeypatch):
     assert racing.item_evaluations == evaluator.items_scored < grid.item_evaluations
     stopped = [c for c in racing.candidates if c.error and "stopped by racing" in c.error]
     assert stopped and all(c.kind == "mixup" for c in stopped)
+
+    # A margin no gain can clear: every draw but the first round's leader stops there (the noise is the items' own,
+    # so that leader is the grid's choice).
+    evaluator = ItemEvaluator()
+    margin = per_item_run(
+        tmp_path / "margin", evaluator, strategy="mixup", mixup_draws=6, search="racing", racing_margin=100.0
+    )
+    assert margin.final.hyper == grid.final.hyper
+    first = racing_rounds({"closeness": len(NOISE)}, min_items=1)[0]
+    assert margin.item_evaluations == 5 * math.ceil(first * len(NOISE)) + len(NOISE)
+    written = json.loads((tmp_path / "margin" / "exme" / "exme_report.json").read_text())
+    assert written["racing_margin"] == 100.0
+    assert (
+        "5 candidates stopped early, not above the leader by more than 100 (`racing_margin`)."
+        in (tmp_path / "margin" / "exme" / "exme_report.md").read_text()
+    )
 
 
 # ---- the pipeline's own entry: unscored checkpoints, the base, a strategy of the user's -------------------------

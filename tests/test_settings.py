@@ -33,6 +33,9 @@ def test_validate_grid():
         ({"min_gain": -0.01}, "`min_gain` must be a number >= 0"),
         ({"min_gain": "noise"}, "or 'significant'"),
         ({"min_gain": float("inf")}, "`min_gain`"),
+        ({"search": "racing", "racing_margin": -0.01}, "`racing_margin` must be a number >= 0"),
+        ({"search": "racing", "racing_margin": "small"}, "`racing_margin`"),
+        ({"racing_margin": 0.01}, "set `search='racing'` too"),
     ],
 )
 def test_bad_search_settings_are_refused_naming_the_argument(kwargs, match):

@@ -229,6 +229,36 @@ def test_racing_finds_the_known_best_with_fewer_item_evaluations():
             assert candidate.score == pytest.approx(sum(candidate.items["acc"]) / 400)
 
 
+def test_a_racing_margin_stops_the_candidates_tied_with_the_leader():
+    """Candidates near one another (0.78, 0.79, 0.80) with unpaired item noise: 400 items cannot tell them apart, so
+    without a margin all three are scored on every item; with a margin of 0.1 the two that cannot beat the leader by
+    more than 0.1 stop after the first round, and the survivor's score is its grid score."""
+    accuracies = {0.1: 0.55, 0.3: 0.78, 0.5: 0.80, 0.7: 0.79, 0.9: 0.60}
+
+    def evaluate(candidate, request):
+        beta = candidate.hyper["beta"]
+        difficulty = torch.rand(400, generator=torch.Generator().manual_seed(round(10 * beta))).tolist()
+        return {"acc": [float(u < accuracies[beta]) for u in (difficulty[i] for i in request["acc"])]}
+
+    races = {}
+    for margin in (0.0, 0.1):
+        race = Racing(evaluate, {"acc": 400}, lambda m: m["acc"], {"acc": 1.0}, greater_is_better=True, margin=margin)
+        group = [Candidate("exme", (b, 1 - b), hyper={"beta": b}) for b in accuracies]
+        race(group)
+        races[margin] = race, group
+    race, group = races[0.0]
+    assert [c.valid for c in group] == [False, True, True, True, False]  # the tied three go to the end
+    assert race.item_evaluations == 2 * 100 + 3 * 400
+    grid = {c.hyper["beta"]: c.score for c in group if c.valid}
+    race, group = races[0.1]
+    survivors = [c for c in group if c.valid]
+    assert len(survivors) == 1 and survivors[0].hyper["beta"] in (0.3, 0.5, 0.7)
+    assert survivors[0].score == grid[survivors[0].hyper["beta"]]
+    assert race.item_evaluations == 4 * 100 + 400
+    stopped = [c.error for c in group if not c.valid]
+    assert all(e == "stopped by racing after 100 of 400 items: not above the leader by more than 0.1" for e in stopped)
+
+
 def test_rounds_of_too_few_items_are_skipped():
     assert racing_rounds({"acc": 400}) == [0.25, 0.5, 1.0]  # the first round would score 50 items
     assert racing_rounds({"a": 256, "b": 256}) == [0.125, 0.25, 0.5, 1.0]  # 32 + 32 items

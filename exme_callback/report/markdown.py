@@ -92,10 +92,12 @@ def _interval_lines(report: Report) -> list[str]:
             )
     if report.search == "racing" and report.item_evaluations:
         stopped = sum(1 for c in report.candidates if (c.error or "").startswith("stopped by racing"))
+        margin = report.racing_margin
+        why = f"not above the leader by more than {margin:g} (`racing_margin`)" if margin else "below the leader"
         lines.append(
             f"Racing: {report.item_evaluations:,} item evaluations, against {report.grid_item_evaluations:,} for the "
             f"grid ({report.grid_item_evaluations / report.item_evaluations:.1f}x fewer); {stopped} candidates "
-            "stopped early, below the leader."
+            f"stopped early, {why}."
         )
     if report.min_gain is not None:
         rule = "above zero" if report.min_gain == "significant" else f"above {report.min_gain:g}"

@@ -57,6 +57,7 @@ class Report:
     confidence: float = 0.95  # the level of the gains' intervals (`Candidate.interval`)
     min_gain: float | str | None = None  # the choice's threshold over the best checkpoint, if any
     search: str = "grid"  # how the strategy's stages were scored: "grid" or "racing"
+    racing_margin: float = 0.0  # racing's indifference margin (`SearchSettings.racing_margin`)
     item_evaluations: int | None = None  # items scored by the search (per-item evaluations only)
     grid_item_evaluations: int | None = None  # what the full grid scores: every candidate on every item
     seed: int = 0  # the seed of the intervals' bootstrap
@@ -122,6 +123,7 @@ class Report:
             "confidence": self.confidence,
             "min_gain": self.min_gain,
             "search": self.search,
+            "racing_margin": self.racing_margin,
             "item_evaluations": self.item_evaluations,
             "grid_item_evaluations": self.grid_item_evaluations,
             "items_file": REPORT_ITEMS if self._has_items() else None,

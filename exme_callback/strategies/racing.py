@@ -51,6 +51,9 @@ def _hyper_text(candidate: Candidate) -> str:
 class Racing:
     """Racing (`search="racing"`): the candidates of a stage are scored on growing subsets of the items, and those
     whose gain over the leader has a confidence interval below zero stop early; the rest are scored on every item.
+    With a `margin`, those whose interval is below the margin stop too: a candidate that cannot beat the leader by
+    more than the margin (an indifference zone), so the stage's winner is within about the margin of the grid's
+    winner rather than the grid's winner itself.
 
     Each group of items (a task) is drawn in one seeded order; round `r` scores every candidate still racing on the
     first `RACING_ROUNDS[r]` of each group's items in that order (only the items it was not scored on yet; rounds of
@@ -70,6 +73,8 @@ class Racing:
         greater_is_better (`bool`): the direction of the score.
         level (`float`, *optional*, defaults to 0.95): the confidence level that stops a candidate.
         seed (`int`, *optional*, defaults to 0): the order the items are drawn in.
+        margin (`float`, *optional*, defaults to 0): the gain over the leader, in the score's units, a candidate must
+            be able to reach (the top of its interval) to go on racing; 0 stops only the clearly worse.
     """
 
     evaluate: Callable[[Candidate, dict[str, list[int]]], dict[str, list[float]]]
@@ -79,6 +84,7 @@ class Racing:
     greater_is_better: bool
     level: float = 0.95
     seed: int = 0
+    margin: float = 0.0
     item_evaluations: int = 0  # items scored so far, over every candidate
 
     def __call__(
@@ -110,7 +116,7 @@ class Racing:
                 scored[g] += items
             leader = best(racing, self.greater_is_better)
             if share < 1.0 and leader is not None:
-                racing = [c for c in racing if c is leader or not self._clearly_below(c, leader, scored)]
+                racing = [c for c in racing if c is leader or not self._stops(c, leader, scored)]
         for candidate in racing:  # every item: back in the items' own order, paired with other evaluations
             for metric, items in candidate.items.items():
                 position = scored[item_group(metric)]
@@ -133,12 +139,14 @@ class Racing:
         if not math.isfinite(candidate.score):
             candidate.error = f"non-finite score {candidate.score}"
 
-    def _clearly_below(self, candidate, leader, scored: dict[str, list[int]]) -> bool:
-        """Whether `candidate` is clearly below `leader` on the items both were scored on (`Noise`); if so, mark it
+    def _stops(self, candidate, leader, scored: dict[str, list[int]]) -> bool:
+        """Whether `candidate` stops: its gain over `leader` on the items both were scored on (`Noise.gain`) has
+        its interval below `margin` (below zero: clearly worse), or it has no finite score; if so, mark it
         stopped."""
-        if not self.noise.clearly_below(candidate, leader):
+        if candidate.valid and self.noise.gain(candidate, leader)[1] >= self.margin:
             return False
         n = sum(map(len, scored.values()))
-        candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: below the leader"
+        why = "below the leader" if not self.margin else f"not above the leader by more than {self.margin:g}"
+        candidate.error = f"stopped by racing after {n} of {sum(self.sizes.values())} items: {why}"
         candidate.items = {}  # a subset's scores: not comparable with other evaluations
         return True
