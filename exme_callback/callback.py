@@ -95,8 +95,8 @@ class ExMeCallback(TrainerCallback):
             `"topk_greedy"`, or a `strategies.Strategy` of your own), `search="racing"` with `racing_margin`,
             `top_k` (checkpoints kept, default 2), `partner="kinship"` with `kinship_metric` and
             `kinship_threshold`, `beta_search`, `mixup_a`, `mixup_draws`, `dare`, `budget`, `seed`, `confidence`
-            (of the gains' intervals) and
-            `min_gain` (a number, or `"significant"`: keep the best checkpoint unless a candidate's gain clears it).
+            (of the gains' intervals) and `min_gain` (a number, or `"significant"`: keep the best checkpoint unless
+            a candidate's gain clears it).
 
     Example:
 
