@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .errors import InputError
+from .intervals import gain_interval
 from .merges import Merge
 
-__all__ = ["CHOOSE_FROM", "Candidate", "Checkpoint", "best", "choose", "is_better", "rank_checkpoints"]
+__all__ = [
+    "CHOOSE_FROM",
+    "Candidate",
+    "Checkpoint",
+    "best",
+    "choose",
+    "is_better",
+    "rank_checkpoints",
+    "set_intervals",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +211,27 @@ def rank_checkpoints(
     finite = [c for c in latest.values() if is_better(c.score, None, greater_is_better)]
     ranked = sorted(finite, key=lambda c: -c.score if greater_is_better else c.score)  # stable: ties keep order
     return ranked if keep is None else ranked[:keep]
+
+
+def set_intervals(
+    candidates: Iterable[Candidate],
+    reference: Candidate | None,
+    weights: Mapping[str, float],
+    level: float = 0.95,
+    seed: int = 0,
+    heldout: bool = False,
+) -> None:
+    """Set each candidate's confidence interval of its gain over `reference` (the best checkpoint), where both have
+    per-item scores (`intervals.gain_interval` with `weights`, `level` and `seed`): `interval` of the selection
+    score, or with `heldout` `heldout_interval` of the held-out score."""
+    items = "heldout_items" if heldout else "items"
+    if reference is None or not getattr(reference, items):
+        return
+    for candidate in candidates:
+        scored = (candidate.heldout_score if heldout else candidate.score) is not None
+        if candidate is not reference and scored and getattr(candidate, items):
+            interval = gain_interval(getattr(candidate, items), getattr(reference, items), weights, level, seed=seed)
+            setattr(candidate, "heldout_interval" if heldout else "interval", interval)
 
 
 def choose(

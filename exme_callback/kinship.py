@@ -101,6 +101,32 @@ class Gram:
         unit = torch.eye(self.k, dtype=_WIDE)
         return [[self.kinship(unit[i], unit[j], metric) for j in range(self.k)] for i in range(self.k)]
 
+    def merged_pairs(self, alphas: tuple[float, float] | None = None) -> list[dict]:
+        """The kinship, in every metric, of the pairs ExMe's merges combine: SFT-1 and SFT-2 (the weighted merge,
+        the baselines) and, given the best ExMe merge's `alphas`, EXPO-1 and EXPO-2 at those alphas; none with fewer
+        than two checkpoints.
+
+        Example:
+
+        ```python
+        >>> sft = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])}]
+        >>> gram = dense_gram({"w": torch.zeros(2)}, sft)
+        >>> [(p["models"], round(p["cosine"], 4)) for p in gram.merged_pairs((0.1, 0.3))]
+        [('SFT-1 / SFT-2', 0.7071), ('EXPO-1 (alpha1=0.1) / EXPO-2 (alpha2=0.3)', 0.7071)]
+        ```
+        """
+        if self.k < 2:
+            return []
+        unit = [tuple(float(i == j) for j in range(self.k)) for i in range(2)]
+        pairs = [("SFT-1 / SFT-2", unit[0], unit[1])]
+        if alphas is not None:
+            expo = [tuple((1.0 + alphas[i]) * c for c in unit[i]) for i in range(2)]
+            pairs.append((f"EXPO-1 (alpha1={alphas[0]:g}) / EXPO-2 (alpha2={alphas[1]:g})", *expo))
+        return [
+            {"models": label, "a": list(a), "b": list(b), **{m: self.kinship(a, b, m) for m in METRICS}}
+            for label, a, b in pairs
+        ]
+
     def _vector(self, c: Sequence[float], name: str) -> torch.Tensor:
         vector = torch.as_tensor(c, dtype=_WIDE)
         if vector.shape != (self.k,):

@@ -32,13 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sharding
-from .candidates import Candidate, Checkpoint, choose
-from .intervals import gain_interval
+from .candidates import Candidate, Checkpoint, choose, set_intervals
 from .io import publish_dir
 from .journal import JOURNAL_SUFFIX, Evaluation, Journal, fingerprint
 from .kinship import METRICS, Gram
 from .merges import Merge
-from .objective import Objective, item_group
+from .objective import item_group
 from .planes import Plane
 from .preflight import check_items
 from .report import Report
@@ -294,9 +293,10 @@ class Sweep:
         """4. The gains' confidence intervals (from per-item scores), the choice, the report's table."""
         report, settings = self.report, self.settings
         rows = [*report.candidates, *([report.base] if report.base else [])]
-        _intervals(rows, report.best_sft, self.scorer.objective, settings)
+        set_intervals(rows, report.best_sft, self.scorer.objective.gain_weights(), settings.confidence, settings.seed)
         report.final = choose(self.choosable, report.greater_is_better, settings.choose_from, settings.min_gain)
-        report.kinship["pairs"] = _merged_pairs(report, self.gram)
+        merge = report.best_exme
+        report.kinship["pairs"] = self.gram.merged_pairs(None if merge is None else (merge.alpha1, merge.alpha2))
         self._fill_table()
 
     def score_heldout(self) -> None:
@@ -310,7 +310,8 @@ class Sweep:
             candidate.record(*self._evaluate(self._point(candidate), "heldout"), heldout=True)
             self.progress.update()
         rows = [c for _, c in self.report.rows()]
-        _intervals(rows, self.report.best_sft, self.heldout.objective, self.settings, heldout=True)
+        weights, settings = self.heldout.objective.gain_weights(), self.settings
+        set_intervals(rows, self.report.best_sft, weights, settings.confidence, settings.seed, heldout=True)
 
     def publish(self) -> None:
         """6. The chosen model, saved with its tokenizer and the report, in one atomic rename."""
@@ -424,49 +425,6 @@ def search_order(checkpoints: Sequence[Checkpoint], gram: Gram, settings: Search
                 f"{threshold} with the best; merging the second best."
             )
     return [0, partner, *(i for i in range(1, n) if i != partner)] if n > 1 else [0]
-
-
-def _intervals(
-    candidates: Sequence[Candidate],
-    reference: Candidate | None,
-    objective: Objective,
-    settings: SearchSettings,
-    heldout: bool = False,
-) -> None:
-    """Set each candidate's confidence interval of its gain over `reference` (the best checkpoint), where both have
-    per-item scores: of the selection score, or of the held-out score."""
-    items = "heldout_items" if heldout else "items"
-    if reference is None or not getattr(reference, items):
-        return
-    for candidate in candidates:
-        scored = (candidate.heldout_score if heldout else candidate.score) is not None
-        if candidate is not reference and scored and getattr(candidate, items):
-            interval = gain_interval(
-                getattr(candidate, items),
-                getattr(reference, items),
-                objective.gain_weights(),
-                settings.confidence,
-                seed=settings.seed,
-            )
-            setattr(candidate, "heldout_interval" if heldout else "interval", interval)
-
-
-def _merged_pairs(report: Report, gram: Gram) -> list[dict]:
-    """The kinship of the pairs the report's merges combine: SFT-1 and SFT-2 (the weighted merge, the baselines),
-    and EXPO-1 and EXPO-2 at the best ExMe merge's alphas."""
-    if gram.k < 2:
-        return []
-    unit = [tuple(float(i == j) for j in range(gram.k)) for i in range(2)]
-    pairs = [("SFT-1 / SFT-2", unit[0], unit[1])]
-    merge = report.best_exme
-    if merge is not None:
-        expo = [tuple((1.0 + merge.hyper[f"alpha{i + 1}"]) * c for c in unit[i]) for i in range(2)]
-        label = f"EXPO-1 (alpha1={merge.alpha1:g}) / EXPO-2 (alpha2={merge.alpha2:g})"
-        pairs.append((label, *expo))
-    return [
-        {"models": label, "a": list(a), "b": list(b), **{m: gram.kinship(a, b, m) for m in METRICS}}
-        for label, a, b in pairs
-    ]
 
 
 def _write_failure(report: Report, destination: str) -> None:
