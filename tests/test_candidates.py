@@ -4,7 +4,16 @@ import math
 
 import pytest
 
-from exme_callback.candidates import Candidate, Checkpoint, best, choose, is_better, rank_checkpoints
+from exme_callback.candidates import (
+    Candidate,
+    Checkpoint,
+    best,
+    choose,
+    is_better,
+    rank_checkpoints,
+    set_intervals,
+)
+from exme_callback.intervals import gain_interval
 
 
 def test_best_prefers_direction_then_earliest_and_skips_invalid():
@@ -124,3 +133,21 @@ def test_min_gain_keeps_the_best_checkpoint_unless_a_candidate_clears_it():
     losses = [Candidate("sft", (1.0, 0.0), score=1.0), Candidate("expo", (1.1, 0.0), score=0.9)]
     assert choose(losses, False, min_gain=0.05) is losses[1]
     assert choose(losses, False, min_gain=0.2) is losses[0]
+
+
+def test_set_intervals_gives_each_scored_candidate_its_gain_over_the_reference():
+    reference = Candidate("sft", (1, 0), score=0.5, items={"acc": [1.0, 0.0, 1.0, 0.0]})
+    shifted = Candidate("exme", (0.5, 0.5), score=0.7, items={"acc": [1.2, 0.2, 1.2, 0.2]})  # +0.2 on every item
+    noisy = Candidate("expo", (1.1, 0), score=0.75, items={"acc": [1.0, 1.0, 1.0, 0.0]})
+    aggregate = Candidate("exme", (0.4, 0.6), score=0.6)  # no per-item scores: no interval
+    reference.heldout_score, reference.heldout_items = 0.5, {"acc": [0.0, 1.0]}
+    shifted.heldout_score, shifted.heldout_items = 1.0, {"acc": [1.0, 1.0]}
+    set_intervals([reference, shifted, noisy, aggregate], reference, {"acc": 1.0}, level=0.9, seed=3)
+    assert shifted.interval == pytest.approx((0.2, 0.2))  # every paired difference is the gain
+    assert noisy.interval == gain_interval(noisy.items, reference.items, {"acc": 1.0}, 0.9, seed=3)
+    assert reference.interval is None and aggregate.interval is None and shifted.heldout_interval is None
+    set_intervals([reference, shifted], reference, {"acc": 1.0}, level=0.9, seed=3, heldout=True)
+    assert shifted.heldout_interval == gain_interval(
+        shifted.heldout_items, reference.heldout_items, {"acc": 1.0}, 0.9, seed=3
+    )
+    set_intervals([noisy], None, {"acc": 1.0})  # no reference: nothing to compare with

@@ -65,6 +65,23 @@ def test_dense_kinship_equals_a_direct_computation(monkeypatch, chunk):
     assert gram.matrix("cosine")[0][0] == pytest.approx(1.0)
 
 
+def test_merged_pairs_are_sft_and_expo_pairs_computed_directly():
+    base, checkpoints = random_states()
+    names = ["w", "b", "e"]
+    deltas = [torch.cat([(c[n].double() - base[n].double()).flatten() for n in names]) for c in checkpoints]
+    gram = dense_gram(base, checkpoints)
+    sft, expo = gram.merged_pairs((0.2, 0.5))
+    assert (sft["models"], sft["a"], sft["b"]) == ("SFT-1 / SFT-2", [1.0, 0.0, 0.0], [0.0, 1.0, 0.0])
+    assert (expo["a"], expo["b"]) == ([1.2, 0.0, 0.0], [0.0, 1.5, 0.0])
+    assert expo["models"] == "EXPO-1 (alpha1=0.2) / EXPO-2 (alpha2=0.5)"
+    for pair in (sft, expo):
+        for metric in METRICS:
+            expected = direct(flat(deltas, pair["a"]), flat(deltas, pair["b"]), metric)
+            assert pair[metric] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert [p["models"] for p in gram.merged_pairs()] == ["SFT-1 / SFT-2"]  # no ExMe merge scored
+    assert dense_gram(base, checkpoints[:1]).merged_pairs((0.1, 0.1)) == []  # one checkpoint: no pair
+
+
 def test_lora_gram_equals_dense_deltas_with_and_without_a_starting_adapter():
     g = torch.Generator().manual_seed(1)
     modules, deltas = [], [[], []]
