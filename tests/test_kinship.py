@@ -186,6 +186,7 @@ def test_exme_kinship_command(tmp_path, capsys):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         model.save_pretrained(tmp_path / f"c{i}")
         folders.append(str(tmp_path / f"c{i}"))
+    capsys.readouterr()  # what saving printed (DeepSpeed's first import logs to stdout)
     assert main(["kinship", str(tmp_path / "base"), *folders, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     reference = {n: t.double() for n, t in base.state_dict().items()}
