@@ -18,6 +18,7 @@ choice outside the rows is counted as not measured). It prints, per seed and ove
     python benchmarks/racing.py --seeds 0 1 2     # about 11 minutes per seed on 2 CPU cores
     python benchmarks/racing.py --documents 256   # selection sets of 4 x 256 documents
     python benchmarks/racing.py --documents 256 --replay   # racing replayed on that run's recorded scores
+    python benchmarks/racing.py --documents 256 --replay --margins 0 0.01 --rounds 0.0625 0.125 0.25 0.5 1
 """
 
 import argparse
@@ -313,8 +314,12 @@ def main() -> None:
                 replay(os.path.join(args.output_dir, f"seed-{seed}", "exme-grid"), seed, rounds, margin)
                 for seed in args.seeds
             ]
-            for row in rows:
-                print(f"seed {row['seed']}: " + ", ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "seed"))
+            for r in rows:
+                print(
+                    f"seed {r['seed']}, margin {r['margin']:g}: {r['grid items']:,} grid items, {r['racing items']:,} "
+                    f"racing items ({r['ratio']:.2f}x), racing = grid {_cell(r['racing = grid'])}, racing - grid "
+                    f"selection {r['racing - grid selection']:+.4f}"
+                )
             items = sum(r["grid items"] for r in rows) / sum(r["racing items"] for r in rows)
             print(
                 f"margin {margin:g}, over {len(rows)} seeds: {items:.2f}x fewer item evaluations; the grid's choice "
