@@ -124,9 +124,12 @@ def run_seed(seed: int, args: argparse.Namespace, reports: list) -> dict:
     )
     trainer.remove_callback(PrinterCallback)  # the candidates' logs: the table below says what matters
     trainer.add_callback(grid)
-    trainer.add_callback(racing)
+    if not args.grid_only:
+        trainer.add_callback(racing)
     with quiet_peft_save():
         trainer.train()
+    if args.grid_only:
+        return None
 
     g, r = grid.report, racing.report
     reports.append(g)
@@ -304,6 +307,9 @@ def main() -> None:
         action="store_true",
         help="only racing's item evaluations and choice, replayed on the per-item scores of a past run's grids",
     )
+    parser.add_argument(
+        "--grid-only", action="store_true", help="only the grid's run folders, for --replay (no racing, no table)"
+    )
     parser.add_argument("--rounds", type=float, nargs="+", help="--replay: racing's rounds (RACING_ROUNDS)")
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0], help="--replay: racing_margin values")
     args = parser.parse_args()
@@ -333,8 +339,14 @@ def main() -> None:
     reports = []
     rows = []
     for seed in args.seeds:
+        if args.grid_only:
+            run_seed(seed, args, reports)
+            print(f"seed {seed}: the grid's run is in {os.path.join(args.output_dir, f'seed-{seed}', 'exme-grid')}")
+            continue
         rows.append(run_seed(seed, args, reports))
         print(f"seed {seed}: " + ", ".join(f"{k} {_cell(v)}" for k, v in rows[-1].items()), flush=True)
+    if args.grid_only:
+        return
 
     print(
         f"\n{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; quickstart setting, "
