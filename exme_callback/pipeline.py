@@ -388,10 +388,15 @@ class Sweep:
             return items
 
         objective, settings = self.scorer.objective, self.settings
-        gib = self.report.greater_is_better
-        weights = objective.gain_weights()
         return Racing(
-            evaluate, sizes, objective, weights, gib, settings.confidence, settings.seed, settings.racing_margin
+            evaluate,
+            sizes,
+            objective,
+            objective.gain_weights(),
+            self.report.greater_is_better,
+            level=settings.confidence,
+            seed=settings.seed,
+            margin=settings.racing_margin,
         )
 
     def _count_items(self, race: Racing | None) -> None:
