@@ -71,7 +71,7 @@ class TimedSweep(ExMeCallback):
             self.evaluator.timing = False
 
 
-def run_seed(seed: int, args: argparse.Namespace, reports: list) -> dict:
+def run_seed(seed: int, args: argparse.Namespace, reports: list) -> dict | None:
     output_dir = os.path.join(args.output_dir, f"seed-{seed}")
     quickstart = argparse.Namespace(smoke=args.smoke, model=None, dataset=None, steps=args.steps)
     splits = load_splits(quickstart)

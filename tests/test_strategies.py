@@ -326,6 +326,8 @@ def test_noise_is_the_gain_interval_with_items_and_the_score_difference_without(
     with_items = Noise(True, {"acc": 1.0})
     assert (with_items.compare(a, b), with_items.compare(b, a)) == (1, -1) and with_items.clearly_below(b, a)
     assert with_items.compare(noisy, a) == 0 and not with_items.clearly_below(noisy, a)  # a gain in the noise
+    low, high = with_items.gain(noisy, a)
+    assert with_items.clearly_below(noisy, a, margin=high + 1e-9) and not with_items.clearly_below(noisy, a, high)
     without = Noise(True)  # no weights: the scores decide, any difference is clear
     assert without.compare(noisy, a) == 1 and without.gain(noisy, a) == pytest.approx((0.01, 0.01))
     assert without.clearly_below(Candidate("expo", (1.4,), score=math.nan, error="non-finite"), a)

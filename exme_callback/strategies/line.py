@@ -53,9 +53,12 @@ class Noise:
         low, high = self.gain(candidate, reference)
         return -1 if high < 0 else 1 if low > 0 else 0
 
-    def clearly_below(self, candidate: Candidate, reference: Candidate) -> bool:
-        """Whether `candidate` is worse than `reference` by more than the noise (or has no finite score)."""
-        return self.compare(candidate, reference) < 0
+    def clearly_below(self, candidate: Candidate, reference: Candidate, margin: float = 0.0) -> bool:
+        """Whether `candidate` is worse than `reference` by more than the noise (or has no finite score); with a
+        `margin`, whether it cannot beat `reference` by more than the margin (the top of the gain below it)."""
+        if not margin:
+            return self.compare(candidate, reference) < 0
+        return not candidate.valid or self.gain(candidate, reference)[1] < margin
 
 
 def walk_line(

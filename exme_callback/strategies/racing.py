@@ -140,10 +140,9 @@ class Racing:
             candidate.error = f"non-finite score {candidate.score}"
 
     def _stops(self, candidate, leader, scored: dict[str, list[int]]) -> bool:
-        """Whether `candidate` stops: its gain over `leader` on the items both were scored on (`Noise.gain`) has
-        its interval below `margin` (below zero: clearly worse), or it has no finite score; if so, mark it
-        stopped."""
-        if candidate.valid and self.noise.gain(candidate, leader)[1] >= self.margin:
+        """Whether `candidate` stops: clearly below `leader` on the items both were scored on, or with a `margin`
+        unable to beat it by more than the margin (`Noise.clearly_below`); if so, mark it stopped."""
+        if not self.noise.clearly_below(candidate, leader, self.margin):
             return False
         n = sum(map(len, scored.values()))
         why = "below the leader" if not self.margin else f"not above the leader by more than {self.margin:g}"
